@@ -1,0 +1,220 @@
+"""``brainseg``: a thin click CLI over the library, for inspection and single-device runs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from brainseg_dist.console import console
+from brainseg_dist.errors import BrainsegError
+
+
+def reports_errors(fn):
+    """Turn library errors into a clear message on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BrainsegError as exc:
+            console.print("[bold red]error:[/bold red] ", end="")
+            console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="brainseg-dist")
+def main() -> None:
+    """Segment FLAIR abnormalities (lower-grade gliomas) in brain MRI with a 2D U-Net."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--patients", default=12, show_default=True, help="Number of patient folders.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same files.")
+@reports_errors
+def synth(out: Path, patients: int, seed: int) -> None:
+    """Write a synthetic dataset in the kaggle_3m layout to OUT."""
+    from brainseg_dist.data.synth import write_synthetic_dataset
+
+    with console.status(f"writing {patients} synthetic patients"):
+        write_synthetic_dataset(out, patients=patients, seed=seed)
+    console.print(f"wrote {patients} synthetic patients to {out}")
+
+
+@main.group()
+def data() -> None:
+    """Inspect a kaggle_3m-style dataset."""
+
+
+def _skip_invalid_option(fn):
+    return click.option("--skip-invalid", is_flag=True,
+                        help="Drop bad slices with a warning instead of failing.")(fn)
+
+
+@data.command("summary")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of tables.")
+@click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
+              help="Write sample-grid, class-balance and tumour-size PNGs here.")
+@click.option("--image-size", default=128, show_default=True, help="Training size to cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Decoded-slice cache (default ~/.cache/brainseg_dist).")
+@_skip_invalid_option
+@reports_errors
+def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: int,
+                 cache_dir: Path | None, skip_invalid: bool) -> None:
+    """Validate ROOT and print patients, slices, positives and tumour sizes."""
+    from brainseg_dist.data import load_dataset
+    from brainseg_dist.data.summary import summarize
+
+    data = load_dataset(root, image_size=image_size, cache_dir=cache_dir,
+                        skip_invalid=skip_invalid, show_progress=not as_json)
+    summary = summarize(data.table)
+    summary["skipped_slices"] = [str(p) for p in data.skipped]
+    summary["timings"] = {k: round(v, 4) for k, v in data.timings.items()}
+    if figures is not None:
+        summary["figures"] = [str(p) for p in _dataset_figures(data, figures)]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+
+
+def _dataset_figures(data, out: Path) -> list[Path]:
+    from brainseg_dist import viz
+    from brainseg_dist.data.decode import read_pair
+
+    table = data.table
+    pos = table[table["diagnosis"] == 1].sort_values("tumour_pixels", ascending=False)
+    rows = list(pos.drop_duplicates("patient").head(4).index)
+    rows += list(table[table["diagnosis"] == 0].drop_duplicates("patient").head(6 - len(rows))
+                 .index)
+    pairs = [read_pair(table.at[i, "image_path"], table.at[i, "mask_path"]) for i in rows]
+    titles = [f"{table.at[i, 'folder']}\nslice {table.at[i, 'slice']}" for i in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        viz.sample_grid([p[0] for p in pairs], [p[1] for p in pairs], titles,
+                        out / "samples.png"),
+        viz.class_balance(table, out / "class_balance.png"),
+        viz.tumour_size_histogram(table, out / "tumour_sizes.png"),
+    ]
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Dataset summary", show_header=False)
+    for key in ("patients", "slices", "positive_slices", "negative_slices",
+                "patients_with_tumour"):
+        t.add_row(key.replace("_", " "), str(s[key]))
+    t.add_row("positive fraction", f"{s['positive_fraction']:.1%}")
+    spp = s["slices_per_patient"]
+    t.add_row("slices per patient", f"{spp['min']}–{spp['max']} (median {spp['median']:.0f})")
+    ts = s["tumour_pixels_per_positive_slice"]
+    t.add_row("tumour px / positive slice",
+              f"median {ts['median']:.0f}, p5–p95 {ts['p5']:.0f}–{ts['p95']:.0f}, "
+              f"max {ts['max']:.0f}")
+    for site, n in s["slices_per_site"].items():
+        t.add_row(f"site {site}", f"{n} slices, {s['patients_per_site'][site]} patients")
+    tm = s["timings"]
+    t.add_row("decode time", f"{tm['decode_seconds']:.2f} s "
+              f"({int(tm['patients_from_cache'])}/{int(tm['patients'])} patients from cache)")
+    if s["skipped_slices"]:
+        t.add_row("skipped", str(len(s["skipped_slices"])))
+    out = Console()
+    out.print(t)
+    for f in s.get("figures", []):
+        out.print(f"figure: {f}")
+
+
+TRAIN_OVERRIDES = {
+    # option name: (config key, click type, help)
+    "data_dir": ("data.data_dir", click.Path(file_okay=False), "Dataset root (kaggle_3m layout)."
+                 " Without it a synthetic dataset is generated in the run directory."),
+    "output_dir": ("train.output_dir", click.Path(file_okay=False), "Run directory."),
+    "epochs": ("train.epochs", int, "Number of epochs."),
+    "seed": ("train.seed", int, "Seed for split, shuffling, augmentation and init."),
+    "batch_size": ("train.batch_size", int, "Batch size per process."),
+    "lr": ("optim.lr", float, "Adam learning rate."),
+    "image_size": ("data.image_size", int, "Training size S (S×S)."),
+    "base_width": ("model.base_width", int, "U-Net channels at the first level."),
+    "mixed_precision": ("train.mixed_precision", click.Choice(["auto", "no", "bf16", "fp16"]),
+                        "AMP mode (auto: accelerate config; bf16 on CUDA; off on CPU)."),
+    "normalization": ("train.normalization", click.Choice(["slice", "volume"]),
+                      "Intensity normalization."),
+    "patience": ("train.patience", int, "Early-stopping patience in epochs (0: off)."),
+    "stop_after_epoch": ("train.stop_after_epoch", int,
+                         "Stop this invocation after this epoch; continue with --resume."),
+    "synthetic_patients": ("data.synthetic_patients", int, "Patients in the synthetic set."),
+    "cache_dir": ("data.cache_dir", click.Path(file_okay=False), "Decoded-slice cache."),
+}
+
+
+def _train_options(fn):
+    for name, (key, type_, help_) in reversed(TRAIN_OVERRIDES.items()):
+        fn = click.option(f"--{name.replace('_', '-')}", name, type=type_, default=None,
+                          help=f"{help_} [{key}]")(fn)
+    return fn
+
+
+def parse_set_options(pairs: tuple[str, ...]) -> dict[str, object]:
+    """``("train.epochs=3", ...)`` -> ``{"train.epochs": 3}`` (values parsed as YAML)."""
+    import yaml
+
+    from brainseg_dist.errors import ConfigError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {pair!r}: expected SECTION.KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@click.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML config (see configs/).")
+@_train_options
+@click.option("--cpu", is_flag=True, default=None, help="Train on CPU even if a GPU is present.")
+@click.option("--skip-invalid", is_flag=True, default=None,
+              help="Drop bad slices with a warning instead of failing.")
+@click.option("--set", "set_pairs", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any config value, e.g. --set augment.elastic_p=0.5.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output-dir from last.pt.")
+@click.option("--validate-only", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Only validate this checkpoint on the run's split; writes validation.json.")
+@reports_errors
+def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: bool,
+                  validate_only: Path | None, cpu: bool | None, skip_invalid: bool | None,
+                  **options) -> None:
+    """Train the U-Net (single process here; use accelerate launch for several)."""
+    from brainseg_dist.config import load_config
+    from brainseg_dist.train import run_training
+
+    overrides = {TRAIN_OVERRIDES[k][0]: v for k, v in options.items()}
+    overrides["train.cpu"] = cpu
+    overrides["data.skip_invalid"] = skip_invalid
+    overrides.update(parse_set_options(set_pairs))
+    cfg = load_config(config_path, overrides)
+    if validate_only is not None:
+        from brainseg_dist.train import validate_checkpoint
+
+        validate_checkpoint(cfg, validate_only)
+    else:
+        run_training(cfg, resume=resume)
+
+
+main.add_command(train_command)
+
+
+if __name__ == "__main__":
+    main()

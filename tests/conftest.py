@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated cache per test, a synthetic dataset and the real LGG subset."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from brainseg_dist.data.synth import write_synthetic_dataset
+
+# Tiny test models gain nothing from threads, and on a loaded 2-core machine OpenMP
+# spin-waiting makes 2 threads up to 100x slower than 1. Children inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "lgg-dev.tar.xz"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty decoded-slice cache and no progress bars."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(cache))
+    monkeypatch.setenv("BRAINSEG_NO_PROGRESS", "1")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """8 synthetic patients (seed 0), written once per session. Read-only: copy to corrupt."""
+    root = tmp_path_factory.mktemp("synth") / "kaggle_3m"
+    return write_synthetic_dataset(root, patients=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_data(synth_root):
+    """``load_dataset(synth_root)`` at the default size, decoded once without the cache."""
+    from brainseg_dist.data import load_dataset
+
+    return load_dataset(synth_root, use_cache=False, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory) -> Path:
+    """The real LGG subset (20 patients), extracted once per session; skipped when absent."""
+    archive = Path(os.environ.get("BRAINSEG_LGG_ARCHIVE") or DEFAULT_ARCHIVE)
+    if not archive.is_file():
+        pytest.skip(f"real LGG subset not found: {archive} (set BRAINSEG_LGG_ARCHIVE)")
+    dest = tmp_path_factory.mktemp("lgg")
+    with tarfile.open(archive, mode="r:xz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python < 3.11.4 / 3.10.12 has no extraction filters
+            tar.extractall(dest)
+    root = dest / "kaggle_3m"
+    assert root.is_dir(), f"{archive} has no kaggle_3m folder"
+    return root

@@ -1,0 +1,95 @@
+"""Helpers for the tests: run the real CLI, craft small datasets and bad tif files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(args, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m brainseg_dist.cli ARGS`` in a real process and return the result.
+
+    The child inherits the current environment (so the per-test ``BRAINSEG_CACHE_DIR`` set by
+    the autouse fixture applies) with progress bars off; ``env=`` adds or overrides variables.
+    """
+    env = {**os.environ, "BRAINSEG_NO_PROGRESS": "1", **kw.pop("env", {})}
+    kw.setdefault("cwd", REPO)
+    kw.setdefault("timeout", 120)
+    return subprocess.run(
+        [sys.executable, "-m", "brainseg_dist.cli", *map(str, args)],
+        capture_output=True, text=True, env=env, check=False, **kw,
+    )
+
+
+def unwrap(text: str) -> str:
+    """Undo line folding by the console, so a long path reads as one string again."""
+    return text.replace("\n", "")
+
+
+def rng_image(seed: int, shape=(256, 256, 3), dtype=np.uint8) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.random.default_rng(seed).integers(0, min(info.max, 255) + 1, shape).astype(dtype)
+
+
+def square_mask(shape=(256, 256), lo: int = 100, hi: int = 140, value: int = 255) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[lo:hi, lo:hi] = value
+    return mask
+
+
+def write_image(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photometric = "rgb" if image.ndim == 3 and image.shape[2] == 3 else "minisblack"
+    tifffile.imwrite(path, image, photometric=photometric)
+    return path
+
+
+def write_pair(folder: Path, n: int, image: np.ndarray | None = None,
+               mask: np.ndarray | None = None) -> tuple[Path, Path]:
+    """Write ``<folder>_<n>.tif`` and ``<folder>_<n>_mask.tif`` (valid by default)."""
+    image = rng_image(n) if image is None else image
+    mask = (square_mask() if n % 2 else np.zeros((256, 256), np.uint8)) if mask is None else mask
+    return (write_image(folder / f"{folder.name}_{n}.tif", image),
+            write_image(folder / f"{folder.name}_{n}_mask.tif", mask))
+
+
+def make_patient(root: Path, folder: str, slices=(1, 2, 3)) -> Path:
+    """A valid patient folder with the given slice numbers."""
+    path = root / folder
+    for n in slices:
+        write_pair(path, n)
+    return path
+
+
+def truncate_half(path: Path) -> Path:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    return path
+
+
+def copy_patients(src_root: Path, dst_root: Path, n: int) -> list[str]:
+    """Copy the first ``n`` patient folders (and data.csv) of ``src_root`` to ``dst_root``."""
+    dst_root.mkdir(parents=True, exist_ok=True)
+    folders = sorted(p.name for p in src_root.iterdir() if p.is_dir())[:n]
+    for name in folders:
+        shutil.copytree(src_root / name, dst_root / name)
+    if (src_root / "data.csv").is_file():
+        shutil.copy2(src_root / "data.csv", dst_root / "data.csv")
+    return folders
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
