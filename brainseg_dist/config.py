@@ -1,0 +1,254 @@
+"""One typed config shared by ``brainseg train`` and ``accelerate launch -m brainseg_dist.train``.
+
+A YAML file fills any subset of the sections below; unknown keys and wrong types are errors
+that name the file and the key. Command-line overrides are applied on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from brainseg_dist.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None  # None: generate a synthetic dataset in the run directory
+    synthetic_patients: int = 16
+    image_size: int = 128
+    cache_dir: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    folds: int = 0  # >1: k-fold cross-validation of the non-test patients
+    fold: int = 0
+    skip_invalid: bool = False
+    num_workers: int = 0  # data is in memory; workers only add IPC cost
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    rotation_degrees: float = 15.0
+    rotation_p: float = 0.5
+    hflip_p: float = 0.5
+    vflip_p: float = 0.0
+    elastic_p: float = 0.2
+    elastic_alpha: float = 3.0  # kornia's scale; with sigma 16 ≈ 2 px mean shift at 128x128
+    elastic_sigma: float = 16.0
+    intensity_p: float = 0.0  # brightness/contrast jitter on the image channels
+    intensity_strength: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    base_width: int = 32
+    depth: int = 4
+    channels_last: bool = True
+    sync_batchnorm: bool = True  # across GPUs under DDP (torch supports it on CUDA only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 1
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 32  # per process: the global batch is batch_size × processes × accumulation
+    grad_accumulation: int = 1
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 ("auto": accelerate config, off on CPU)
+    normalization: str = "slice"  # slice | volume
+    threshold: float = 0.5
+    seed: int = 0
+    output_dir: str = "runs/latest"
+    patience: int = 0  # early stopping on val per-patient Dice; 0: off
+    stop_after_epoch: int = 0  # end this invocation after this epoch (then --resume); 0: off
+    num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """Short hash of the settings that change the model (not paths or run length)."""
+        d = self.to_dict()
+        for key in ("data_dir", "cache_dir", "num_workers"):
+            d["data"].pop(key)
+        # Run length and bookkeeping may change on --resume without changing the model.
+        for key in ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
+                    "patience"):
+            d["train"].pop(key)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_CHOICES = {
+    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
+    ("train", "normalization"): ("slice", "volume"),
+    ("optim", "schedule"): ("cosine", "constant"),
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation (int, float, bool, str, optional)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(raw: dict[str, Any] | None, source: str = "config") -> Config:
+    """Build and validate a :class:`Config` from nested dicts (e.g. parsed YAML).
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, or a value out of range;
+            the message names ``source`` and the key.
+    """
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    config = Config()
+    sections = {f.name: f for f in fields(Config)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: "
+                              f"{', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        section = getattr(config, name)
+        types_ = _section_types(type(section))
+        for key, value in values.items():
+            if key not in types_:
+                raise ConfigError(f"{source}: unknown key '{name}.{key}' (known: "
+                                  f"{', '.join(types_)})")
+            setattr(section, key, _coerce(value, types_[key], f"{source}: {name}.{key}"))
+    validate(config, source)
+    return config
+
+
+def validate(config: Config, source: str = "config") -> None:
+    """Range and choice checks that types alone cannot express."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"{source}: {section}.{key} must be one of {choices}, got {value!r}")
+    checks = [
+        (config.data.image_size >= 16 and config.data.image_size % 2 ** config.model.depth == 0,
+         f"data.image_size must be >=16 and divisible by {2 ** config.model.depth}"),
+        (config.data.synthetic_patients >= 3, "data.synthetic_patients must be >= 3"),
+        (0 <= config.data.val_fraction < 1 and 0 <= config.data.test_fraction < 1
+         and config.data.val_fraction + config.data.test_fraction < 1,
+         "data.val_fraction + data.test_fraction must be < 1"),
+        (config.data.folds == 0 or 0 <= config.data.fold < config.data.folds,
+         "data.fold must be in [0, data.folds)"),
+        (config.model.base_width >= 1 and 1 <= config.model.depth <= 6,
+         "model.base_width >= 1 and 1 <= model.depth <= 6"),
+        (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.bce_weight >= 0 and config.optim.dice_weight >= 0
+         and config.optim.bce_weight + config.optim.dice_weight > 0,
+         "optim.bce_weight and optim.dice_weight must be >= 0, not both 0"),
+        (config.train.epochs >= 1, "train.epochs must be >= 1"),
+        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (config.train.grad_accumulation >= 1, "train.grad_accumulation must be >= 1"),
+        (0 < config.train.threshold < 1, "train.threshold must be in (0, 1)"),
+        (config.train.patience >= 0, "train.patience must be >= 0"),
+        (0 <= config.augment.rotation_degrees <= 180, "augment.rotation_degrees in [0, 180]"),
+    ]
+    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p"):
+        checks.append((0 <= getattr(config.augment, name) <= 1, f"augment.{name} in [0, 1]"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the defaults) and apply ``{"section.key": value}`` overrides.
+
+    Raises:
+        ConfigError: missing or unparsable file, or any invalid key or value.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return from_dict(raw, source)
+
+
+def dump_config(config: Config) -> str:
+    """YAML text of the fully resolved config (written to ``RUN_DIR/config.yaml``)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``config`` with some section fields changed, e.g. ``train={"epochs": 2}``."""
+    new = {name: dataclasses.replace(getattr(config, name), **sections.get(name, {}))
+           for name in ("data", "augment", "model", "optim", "train")}
+    out = Config(**new)
+    validate(out)
+    return out

@@ -1,0 +1,70 @@
+"""2D U-Net (Ronneberger et al. 2015, as in Buda et al. 2019): encoder/decoder with skips."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(in_ch: int, out_ch: int) -> nn.Sequential:
+    """Two 3×3 convolutions, each followed by BatchNorm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` down-sampling levels and a single-channel logit output.
+
+    Args:
+        in_channels: input channels (3: pre-contrast, FLAIR, post-contrast).
+        out_channels: output channels (1: tumour logit).
+        base_width: channels of the first level; doubles at each level.
+        depth: number of encoder levels (pooling steps); input sides must divide by 2**depth.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base_width: int = 32,
+                 depth: int = 4):
+        super().__init__()
+        widths = [base_width * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        ch = in_channels
+        for w in widths[:-1]:
+            self.encoders.append(_block(ch, w))
+            ch = w
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = _block(widths[-2], widths[-1])
+        self.upconvs = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for w_in, w_out in zip(widths[:0:-1], widths[-2::-1], strict=True):
+            self.upconvs.append(nn.ConvTranspose2d(w_in, w_out, 2, stride=2))
+            self.decoders.append(_block(2 * w_out, w_out))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, dec, skip in zip(self.upconvs, self.decoders, skips[::-1], strict=True):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def build_model(base_width: int = 32, depth: int = 4, channels_last: bool = True) -> UNet:
+    """A freshly initialised U-Net, converted to channels-last memory format if asked."""
+    model = UNet(base_width=base_width, depth=depth)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,93 @@
+"""Typed config: YAML files, overrides and the errors users see for bad configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from brainseg_dist.config import Config, dump_config, load_config, replace
+from brainseg_dist.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cpu_small.yaml", "lgg_unet128.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train.batch_size == 32
+    assert cfg.data.image_size == 128
+
+
+def test_seed_defaults():
+    cfg = Config()
+    assert (cfg.train.batch_size, cfg.data.image_size, cfg.model.base_width) == (32, 128, 32)
+    assert (cfg.optim.bce_weight, cfg.optim.dice_weight) == (1.0, 1.0)
+
+
+def test_overrides_win_over_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  seed: 3\n")
+    cfg = load_config(path, {"train.epochs": 2, "data.data_dir": "/x", "train.seed": None})
+    assert cfg.train.epochs == 2
+    assert cfg.train.seed == 3  # None overrides are ignored
+    assert cfg.data.data_dir == "/x"
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, {"model.base_width": 8, "augment.elastic_p": 0.5})
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("trian:\n  epochs: 2\n", "unknown section 'trian'"),
+    ("train:\n  epoch: 2\n", "unknown key 'train.epoch'"),
+    ("train:\n  epochs: two\n", "train.epochs: expected an integer"),
+    ("train:\n  mixed_precision: fp8\n", "train.mixed_precision must be one of"),
+    ("data:\n  image_size: 100\n", "data.image_size must be"),
+    ("optim:\n  lr: -1\n", "optim.lr must be > 0"),
+    ("augment:\n  hflip_p: 2\n", "augment.hflip_p in [0, 1]"),
+    ("train: [1, 2]\n", "section 'train' must be a mapping"),
+    ("train:\n  epochs: [\n", "not valid YAML"),
+])
+def test_bad_config_names_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_hash_ignores_paths_and_run_length():
+    a = load_config(None, {"train.output_dir": "a", "train.epochs": 3})
+    b = load_config(None, {"train.output_dir": "b", "train.epochs": 9})
+    c = load_config(None, {"model.base_width": 8})
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_replace_validates():
+    cfg = replace(Config(), train={"epochs": 4})
+    assert cfg.train.epochs == 4
+    with pytest.raises(ConfigError):
+        replace(Config(), train={"epochs": 0})
+
+
+def test_cli_bad_config_exits_nonzero(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_size: 0\n")
+    result = run_cli(["train", "--config", str(path)])
+    assert result.returncode == 1
+    assert "train.batch_size must be >= 1" in result.stderr
+    assert str(path) in result.stderr.replace("\n", "")
+    result = run_cli(["train", "--set", "train.epochs"])
+    assert result.returncode == 1
+    assert "expected SECTION.KEY=VALUE" in result.stderr

@@ -1,0 +1,49 @@
+"""U-Net: shapes, skip connections, channels-last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brainseg_dist.model import UNet, build_model, count_parameters
+
+
+@pytest.mark.parametrize(("depth", "size"), [(4, 64), (3, 40), (2, 128)])
+def test_output_is_single_channel_logits_at_input_size(depth, size):
+    model = UNet(base_width=4, depth=depth).eval()
+    x = torch.randn(2, 3, size, size)
+    y = model(x)
+    assert y.shape == (2, 1, size, size)
+    assert y.dtype == torch.float32
+
+
+def test_four_levels_with_batchnorm_and_relu():
+    model = UNet(base_width=32, depth=4)
+    assert len(model.encoders) == len(model.decoders) == 4
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"BatchNorm2d", "ReLU", "ConvTranspose2d", "MaxPool2d"} <= kinds
+    # The seed's U-Net (32 -> 512 channels) has ~7.8 M parameters.
+    assert 7_000_000 < count_parameters(model) < 8_500_000
+
+
+def test_channels_last_gives_same_output_and_format():
+    torch.manual_seed(0)
+    a = build_model(base_width=4, channels_last=False).eval()
+    b = build_model(base_width=4, channels_last=True).eval()
+    b.load_state_dict(a.state_dict())
+    assert b.encoders[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    ya = a(x)
+    yb = b(x.contiguous(memory_format=torch.channels_last))
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ya, yb, atol=1e-4, rtol=1e-4)
+
+
+def test_skip_connections_carry_fine_detail():
+    """A gradient reaches the input through every level, including the shallow skips."""
+    model = UNet(base_width=4, depth=3).train()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    model(x)[0, 0, 5, 5].backward()
+    assert x.grad is not None
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())
