@@ -93,3 +93,23 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``folder``."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def corrupted_copy(src_root: Path, dst_root: Path, truncate: tuple[int, int],
+                   delete_mask: tuple[int, int]):
+    """Copy two patients, truncate one image and delete one mask.
+
+    Args:
+        truncate: (patient index 0/1, slice number) of the image to cut in half.
+        delete_mask: (patient index 0/1, slice number) of the mask to delete.
+
+    Returns:
+        ``(root, truncated path, deleted path, slices before the damage)``.
+    """
+    folders = copy_patients(src_root, dst_root, 2)
+    n_slices = sum(len(list((dst_root / f).glob("*_mask.tif"))) for f in folders)
+    (i, n), (j, m) = truncate, delete_mask
+    truncated = truncate_half(dst_root / folders[i] / f"{folders[i]}_{n}.tif")
+    deleted = dst_root / folders[j] / f"{folders[j]}_{m}_mask.tif"
+    deleted.unlink()
+    return dst_root, truncated, deleted, n_slices

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from helpers import (
     PNG_SIGNATURE,
-    copy_patients,
+    corrupted_copy,
     make_patient,
     run_cli,
     truncate_half,
@@ -33,12 +33,7 @@ def summary_run(synth_root, tmp_path_factory):
 def corrupted_root(synth_root, tmp_path_factory):
     """Two synthetic patients with one truncated image and one deleted mask (read-only)."""
     root = tmp_path_factory.mktemp("corrupted") / "kaggle_3m"
-    first, second = copy_patients(synth_root, root, 2)
-    truncated = truncate_half(root / first / f"{first}_5.tif")
-    deleted = root / second / f"{second}_7_mask.tif"
-    deleted.unlink()
-    n_slices = sum(len(list((root / f).glob("*_mask.tif"))) for f in (first, second)) + 1
-    return root, truncated, deleted, n_slices
+    return corrupted_copy(synth_root, root, truncate=(0, 5), delete_mask=(1, 7))
 
 
 @pytest.fixture(scope="module")

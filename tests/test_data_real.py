@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import copy_patients, run_cli, truncate_half, unwrap
+from helpers import corrupted_copy, run_cli, unwrap
 
 from brainseg_dist.data import load_dataset
 from brainseg_dist.errors import DatasetError
@@ -76,14 +76,9 @@ def test_real_summary_cli(real_root, real_cache, real_data):
 
 @pytest.fixture
 def real_corrupted(real_root, tmp_path):
-    root = tmp_path / "kaggle_3m"
-    first, second = copy_patients(real_root, root, 2)
     # both faults in ONE patient folder; the other patient stays intact
-    truncated = truncate_half(root / first / f"{first}_10.tif")
-    deleted = root / first / f"{first}_3_mask.tif"
-    deleted.unlink()
-    n_slices = sum(len(list((root / f).glob("*_mask.tif"))) for f in (first, second)) + 1
-    return root, truncated, deleted, n_slices
+    return corrupted_copy(real_root, tmp_path / "kaggle_3m", truncate=(0, 10),
+                          delete_mask=(0, 3))
 
 
 def test_real_corrupted_copy(real_corrupted):
