@@ -173,11 +173,8 @@ class Trainer:
                                 "data.val_fraction")
         self.val_patients = self.val_data.table["patient"].to_numpy()
         device = self.accelerator.device
-        self.train_stats = volume_statistics(self.train_data.images,
-                                             self.train_data.table["patient"].factorize()[0])
-        self.val_stats = volume_statistics(self.val_data.images,
-                                           self.val_data.table["patient"].factorize()[0])
-        self.train_stats, self.val_stats = self.train_stats.to(device), self.val_stats.to(device)
+        self.train_stats = self._volume_stats(self.train_data)
+        self.val_stats = self._volume_stats(self.val_data)
 
         self.sampler = EpochShuffleSampler(len(self.train_data), cfg.train.seed)
         train_loader = torch.utils.data.DataLoader(
@@ -205,6 +202,13 @@ class Trainer:
         self.stale_epochs = 0
         self.history: list[dict[str, Any]] = []
         self.writer = None
+
+    def _volume_stats(self, data: SliceData) -> torch.Tensor | None:
+        """Per-slice patient statistics for ``volume`` normalization (None otherwise)."""
+        if self.cfg.train.normalization != "volume":
+            return None
+        codes = data.table["patient"].factorize()[0]
+        return volume_statistics(data.images, codes).to(self.accelerator.device)
 
     # ----------------------------------------------------------------- persistence
     def _checkpoint(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -256,8 +260,9 @@ class Trainer:
         atomic_write_text(self.out / "metrics.jsonl", text)
 
     # ----------------------------------------------------------------- steps
-    def _inputs(self, images: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor):
-        x = normalize(images, self.cfg.train.normalization, stats[idx])
+    def _inputs(self, images: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor | None):
+        x = normalize(images, self.cfg.train.normalization,
+                      None if stats is None else stats[idx])
         return x.contiguous(memory_format=self.memory_format)
 
     def train_epoch(self, epoch: int, bar, task) -> tuple[float, float]:

@@ -185,3 +185,11 @@ def test_one_and_two_gloo_processes_report_the_same_validation(synth_root, tmp_p
     assert one["val_slices"] % 16 != 0  # the uneven case
     for key in ("val_loss", "val_dice", "val_dice_patient_mean", "val_dice_patient_median"):
         assert one[key] == pytest.approx(two[key], abs=1e-5), key
+
+
+def test_volume_normalization_trains(synth_root, tmp_path):
+    cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1,
+                                               "train.normalization": "volume"})
+    result = run_training(cfg)
+    assert result.history[0]["val_loss"] > 0
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["normalization"] == "volume"
