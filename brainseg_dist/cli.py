@@ -216,5 +216,86 @@ def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: 
 main.add_command(train_command)
 
 
+# ----------------------------------------------------------------------------- evaluation
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
+              help="Patients to evaluate: a part of the run's split.json, or all patients of "
+                   "the root. Default: test on the run's own dataset, all with another "
+                   "--data-dir.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Dataset root (default: the run's data.data_dir or its synthetic set).")
+@click.option("--tta", is_flag=True, help="Headline = flip test-time augmentation.")
+@click.option("--lcc", is_flag=True,
+              help="Headline = largest 3D connected component per patient.")
+@click.option("--checkpoint", default="best.pt", show_default=True,
+              help="Checkpoint file in RUN_DIR (or a path).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: RUN_DIR/eval_<split>].")
+@click.option("--batch-size", default=16, show_default=True, help="Slices per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@reports_errors
+def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tta: bool,
+                     lcc: bool, checkpoint: str, out: Path | None, batch_size: int,
+                     device: str) -> None:
+    """Score RUN_DIR's checkpoint on held-out patients.
+
+    At native resolution: per-patient 3D Dice, slice-level metrics, HD95 and diagnosis, for
+    the plain/TTA/LCC variants; writes per_patient.csv, summary.json and figures."""
+    from brainseg_dist.evaluate import evaluate_run, print_summary
+
+    result = evaluate_run(run_dir, split=split, data_dir=data_dir, tta=tta, lcc=lcc,
+                          checkpoint=checkpoint, out=out, batch_size=batch_size, device=device)
+    print_summary(result)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--checkpoint", default="best.pt", show_default=True,
+              help="Checkpoint file in RUN_DIR (or a path).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TorchScript file [default: RUN_DIR/model.ts]; model.pt2 goes next to it.")
+@click.option("--tolerance", default=1e-4, show_default=True,
+              help="Largest allowed |probability difference| against the eager model.")
+@click.option("--no-pt2", is_flag=True, help="Skip the torch.export program (model.pt2).")
+@reports_errors
+def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: float,
+                   no_pt2: bool) -> None:
+    """Write model.ts (TorchScript) and model.pt2 of a run.
+
+    One end-to-end module (raw slices in, probabilities out), checked against the eager
+    model before it is written."""
+    from brainseg_dist.export import export_run
+
+    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2)
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch-size", default=32, show_default=True, help="Slices per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--threshold", type=float, default=None,
+              help="Probability threshold [default: the model's training threshold].")
+@click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs.")
+@reports_errors
+def predict_command(model: Path, input_path: Path, out: Path, batch_size: int, device: str,
+                    threshold: float | None, no_overlays: bool) -> None:
+    """Segment new slices with an exported model.
+
+    MODEL is model.ts or a run directory; INPUT a .tif slice, a patient folder or a
+    kaggle_3m root. Writes masks, overlays and tumour-size CSVs to OUT."""
+    from brainseg_dist.predict import predict
+
+    r = predict(model, input_path, out, batch_size=batch_size, device=device,
+                threshold=threshold, overlays=not no_overlays)
+    total = int(r.volume["tumour_pixels"].sum()) if len(r.volume) else 0
+    console.print(f"{r.slices} slice(s) in {r.folders} folder(s) ({r.kind}) in "
+                  f"{r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s); tumour pixels "
+                  f"{total}; wrote masks, {'' if no_overlays else 'overlays, '}"
+                  f"tumour_area.csv and tumour_volume.csv to {r.out}", highlight=False)
+
+
 if __name__ == "__main__":
     main()

@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import ListedColormap
 
-from brainseg_dist.io import atomic_write_bytes  # noqa: E402
+from brainseg_dist.io import atomic_write_bytes
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 MASK_CMAP = ListedColormap([(0, 0, 0, 0), (1.0, 0.2, 0.1, 1.0)])  # transparent / tumour red
@@ -99,4 +99,109 @@ def tumour_size_histogram(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlabel("tumour pixels per positive slice")
     ax.set_ylabel("slices")
     ax.set_title(f"Tumour size on {len(sizes)} positive slices")
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def dice_per_patient(dice: dict[str, float], path: str | Path, title: str = "") -> Path:
+    """Bar chart of per-patient 3D Dice, sorted, with the mean and median marked.
+
+    Args:
+        dice: ``{patient: dice}``.
+        path: PNG destination.
+        title: figure title (e.g. split and variant).
+    """
+    items = sorted(dice.items(), key=lambda kv: kv[1])
+    names = [k for k, _ in items]
+    values = np.array([v for _, v in items], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(items) + 2), 3.8))
+    colours = plt.cm.RdYlGn(np.clip(values, 0, 1))
+    ax.bar(np.arange(len(items)), values, color=colours, edgecolor="k", linewidth=0.4)
+    if len(values):
+        ax.axhline(values.mean(), color="k", ls="--", lw=1, label=f"mean {values.mean():.3f}")
+        ax.axhline(np.median(values), color="#1565c0", ls=":", lw=1.2,
+                   label=f"median {np.median(values):.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(np.arange(len(items)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("3D Dice")
+    ax.set_title(title or f"Per-patient Dice ({len(items)} patients)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def patient_overlays(images: list[np.ndarray], masks: list[np.ndarray],
+                     preds: list[np.ndarray], titles: list[str], path: str | Path,
+                     suptitle: str = "") -> Path:
+    """A row of slices: FLAIR with ground truth and prediction outlined in two colours.
+
+    Args:
+        images: H×W×3 uint8 slices (FLAIR is channel 1).
+        masks: H×W 0/1 ground truth, outlined in green.
+        preds: H×W 0/1 prediction, outlined in red.
+        titles: one caption per slice.
+        path: PNG destination.
+        suptitle: figure title (e.g. patient and Dice).
+    """
+    from matplotlib.lines import Line2D
+
+    n = max(1, len(images))
+    fig, axes = plt.subplots(1, n, figsize=(2.8 * n, 3.1), squeeze=False)
+    for ax, image, mask, pred, title in zip(axes[0], images, masks, preds, titles, strict=False):
+        ax.imshow(image[..., 1], cmap="gray", vmin=0, vmax=255)
+        # contour draws the 0.5 level of each binary mask: its outline, sub-pixel smooth.
+        if mask.any():
+            ax.contour(mask.astype(float), levels=[0.5], colors=[GT_COLOUR], linewidths=1.2)
+        if pred.any():
+            ax.contour(pred.astype(float), levels=[0.5], colors=[PRED_COLOUR], linewidths=1.0,
+                       linestyles="--")
+        ax.set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], color=GT_COLOUR, lw=1.5, label="ground truth"),
+               Line2D([], [], color=PRED_COLOUR, lw=1.5, ls="--", label="prediction")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, path)
+
+
+def training_curves(rows: list[dict] | str | Path, path: str | Path) -> Path:
+    """Loss, validation Dice and learning rate per epoch from ``metrics.jsonl``.
+
+    Args:
+        rows: the parsed rows, or the path of ``metrics.jsonl`` (one JSON object per epoch).
+        path: PNG destination.
+    """
+    import json
+
+    if isinstance(rows, str | Path):
+        rows = [json.loads(x) for x in Path(rows).read_text().splitlines() if x.strip()]
+    frame = pd.DataFrame(rows)
+    epoch = frame["epoch"].to_numpy() + 1 if "epoch" in frame else np.arange(1, len(frame) + 1)
+    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        if key in frame:
+            ax0.plot(epoch, frame[key], marker=".", label=label)
+    ax0.set_title("loss (BCE + soft Dice)")
+    ax0.legend(fontsize=8)
+    for key, label in (("val_dice_patient_mean", "per-patient mean"),
+                       ("val_dice_patient_median", "per-patient median"),
+                       ("val_dice", "pooled"), ("val_dice_tumour_slices", "tumour slices")):
+        if key in frame:
+            ax1.plot(epoch, frame[key], marker=".", label=label)
+    if "val_dice_patient_mean" in frame and len(frame):
+        best = int(frame["val_dice_patient_mean"].to_numpy().argmax())
+        ax1.axvline(epoch[best], color="k", ls=":", lw=1, label=f"best epoch {epoch[best]}")
+    ax1.set_ylim(0, 1)
+    ax1.set_title("validation Dice")
+    ax1.legend(fontsize=7)
+    if "lr" in frame:
+        ax2.plot(epoch, frame["lr"], marker=".", color="#6a1b9a")
+        ax2.set_yscale("log")
+    ax2.set_title("learning rate")
+    for ax in (ax0, ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return save_figure(fig, path)

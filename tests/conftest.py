@@ -59,3 +59,36 @@ def real_root(tmp_path_factory) -> Path:
     root = dest / "kaggle_3m"
     assert root.is_dir(), f"{archive} has no kaggle_3m folder"
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A 2-epoch run of ``configs/demo.yaml`` on 8 synthetic patients, trained once per session.
+
+    The run directory holds config.yaml, split.json, metrics.jsonl, best.pt, last.pt and the
+    synthetic dataset (``synthetic/kaggle_3m``). Read-only: copy it to change it.
+    """
+    from brainseg_dist.config import load_config
+    from brainseg_dist.train import run_training
+
+    out = tmp_path_factory.mktemp("trained_run")
+    cache = tmp_path_factory.mktemp("trained_run_cache")
+    cfg = load_config(REPO / "configs" / "demo.yaml", {
+        "train.output_dir": str(out), "train.epochs": 2, "data.synthetic_patients": 8,
+        "data.cache_dir": str(cache), "train.num_overlays": 1})
+    with pytest.MonkeyPatch.context() as mp:  # session scope: no function-level monkeypatch
+        mp.setenv("BRAINSEG_NO_PROGRESS", "1")
+        mp.setenv("BRAINSEG_CACHE_DIR", str(cache))
+        run_training(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model_ts(trained_run) -> Path:
+    """``model.ts`` of :func:`trained_run`, exported once per session."""
+    from brainseg_dist.export import export_run
+
+    ts = trained_run / "model.ts"
+    if not ts.is_file():
+        export_run(trained_run, pt2=False, verbose=False)
+    return ts
