@@ -113,4 +113,4 @@ class DeviceAugment(nn.Module):
             gain = 1 + (torch.rand(n, c, 1, 1, device=images.device) * 2 - 1) * s
             bias = (torch.rand(n, c, 1, 1, device=images.device) * 2 - 1) * s
             images = torch.where(apply, images * gain + bias, images)
-        return images.contiguous(memory_format=torch.channels_last), masks
+        return images, masks

@@ -280,6 +280,7 @@ class Trainer:
             with acc.accumulate(self.model):
                 x = self._inputs(images, idx, self.train_stats)
                 x, y = self.augment(x, masks.float())
+                x = x.contiguous(memory_format=self.memory_format)  # warps return NCHW
                 with acc.autocast():
                     logits = self.model(x)
                 loss = bce_dice_loss(logits, y, cfg.optim.bce_weight, cfg.optim.dice_weight)
