@@ -1,0 +1,108 @@
+"""``benchmarks/throughput.py`` runs end to end and writes the JSON it documents.
+
+Structure and sanity only: speed targets live in the benchmark's own output, never in timed
+tests (on a shared CI machine they would be flaky).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+SCRIPT = REPO / "benchmarks" / "throughput.py"
+PIPELINE_KEYS = ("images_per_s", "median_step_s", "mean_images_per_s", "best_images_per_s",
+                 "speedup_vs_baseline")
+ABLATIONS = ("no_device_augment", "no_channels_last", "amp_toggled")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--json", str(out), *extra],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Training throughput" in proc.stdout  # the rich table is always printed
+    return json.loads(out.read_text())
+
+
+def test_tiny_run_writes_every_ratio(tmp_path):
+    res = _run(tmp_path, "--no-scaling", "--no-compile")
+    assert res["schema"] == 1
+    assert res["settings"]["mode"] == "tiny"
+    hw = res["hardware"]
+    for key in ("device_name", "cpu_model", "cpu_cores_usable", "torch_threads", "torch",
+                "kornia", "accelerate"):
+        assert hw[key], key
+
+    data = res["data"]
+    assert data["source"] == "synthetic"
+    assert data["slices"] > 0
+    assert data["patients_from_cache"] == data["patients"]  # the second load hit the cache
+    for key in ("cold_slices_per_s", "cached_slices_per_s", "cache_speedup"):
+        assert _positive(data[key]), key
+
+    train = res["train"]
+    assert train["baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert train["baseline"]["channels_last"] is False
+    assert train["baseline"]["mixed_precision"] == "no"
+    assert train["project"]["channels_last"] is True
+    assert train["project"]["mixed_precision"] == "no"  # the project default on CPU
+    for name in ("baseline", "project"):
+        for key in PIPELINE_KEYS:
+            assert _positive(train[name][key]), (name, key)
+    assert set(train["ablations"]) == set(ABLATIONS)
+    for name, r in train["ablations"].items():
+        for key in (*PIPELINE_KEYS, "ratio_vs_project", "ratio_vs_project_best",
+                    "project_choice_gain", "speedup_vs_baseline_best"):
+            assert _positive(r[key]), (name, key)
+        assert r["ratio_vs_project"] * r["project_choice_gain"] == pytest.approx(1.0)
+    assert train["ablations"]["amp_toggled"]["mixed_precision"] == "bf16"
+    assert train["ablations"]["no_channels_last"]["channels_last"] is False
+
+    loader = res["loader"]
+    for key in ("project_loader_images_per_s", "input_pipeline_images_per_s",
+                "baseline_loader_images_per_s", "loader_over_train"):
+        assert _positive(loader[key]), key
+    assert isinstance(loader["loader_is_bottleneck"], bool)
+
+    inf = res["inference"]
+    for b in ("1", "32"):
+        row = inf[f"batch_{b}"]
+        assert {"eager", "torchscript"} <= set(row)
+        for name, r in row.items():
+            assert _positive(r["median_latency_ms"]), (b, name)
+            assert _positive(r["over_eager"]), (b, name)
+        assert _positive(inf["torchscript_over_eager"][b])
+    assert inf["compile"]["status"] == "unavailable"
+    assert "skipped" in inf["compile"]["reason"]
+
+    assert res["scaling"]["status"] == "skipped"
+    summary = res["summary"]
+    assert _positive(summary["project_speedup_vs_baseline"])
+    assert _positive(summary["loader_over_train"])
+    assert isinstance(summary["project_defaults_slower_than_alternative"], list)
+    assert isinstance(res["warnings"], list)
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_two_process_scaling(tmp_path):
+    res = _run(tmp_path, "--no-compile")
+    sc = res["scaling"]
+    assert sc["status"] == "ok", sc
+    assert sc["backend"] == "gloo"
+    assert [r["processes"] for r in sc["runs"]] == [1, 2]
+    assert [r["global_batch"] for r in sc["runs"]] == [8, 16]
+    for r in sc["runs"]:
+        assert _positive(r["images_per_s"])
+        assert _positive(r["efficiency"])
+    assert sc["runs"][0]["speedup_vs_1"] == pytest.approx(1.0)
+    assert res["summary"]["scaling"]["processes"] == 2
