@@ -81,6 +81,7 @@ class TrainConfig:
     stop_after_epoch: int = 0  # end this invocation after this epoch (then --resume); 0: off
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
+    export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Config:
             d["data"].pop(key)
         # Run length and bookkeeping may change on --resume without changing the model.
         for key in ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
-                    "patience"):
+                    "patience", "export"):
             d["train"].pop(key)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -420,6 +420,11 @@ class Trainer:
         if self.is_main:
             console.print(f"best val per-patient Dice {self.best:.4f} at epoch "
                           f"{self.best_epoch + 1}; run directory {self.out}")
+            finished = len(self.history) == cfg.train.epochs or stopped_early
+            if cfg.train.export and finished and (self.out / "best.pt").exists():
+                from brainseg_dist.export import export_run
+
+                export_run(self.out)
         return TrainResult(self.out, self.best_epoch, self.best, len(self.history), self.history,
                            stopped_early)
 

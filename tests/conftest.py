@@ -75,7 +75,7 @@ def trained_run(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("trained_run_cache")
     cfg = load_config(REPO / "configs" / "demo.yaml", {
         "train.output_dir": str(out), "train.epochs": 2, "data.synthetic_patients": 8,
-        "data.cache_dir": str(cache), "train.num_overlays": 1})
+        "data.cache_dir": str(cache), "train.num_overlays": 1, "train.export": False})
     with pytest.MonkeyPatch.context() as mp:  # session scope: no function-level monkeypatch
         mp.setenv("BRAINSEG_NO_PROGRESS", "1")
         mp.setenv("BRAINSEG_CACHE_DIR", str(cache))

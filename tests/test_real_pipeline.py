@@ -32,7 +32,7 @@ def real_run(real_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("real_cpu_small")
     cfg = load_config(REPO / "configs" / "cpu_small.yaml", {
         "data.data_dir": str(real_root), "train.output_dir": str(out), "train.epochs": 2,
-        "data.cache_dir": str(tmp_path_factory.mktemp("real_cache"))})
+        "data.cache_dir": str(tmp_path_factory.mktemp("real_cache")), "train.export": False})
     run_training(cfg)
     evaluation = evaluate_run(out, show_progress=False)
     exported = export_run(out, pt2=False, verbose=False)

@@ -20,7 +20,8 @@ from brainseg_dist.train import lr_factor, resolve_mixed_precision, run_training
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"data.image_size": 32, "model.base_width": 4, "train.batch_size": 8,
-        "train.num_overlays": 2, "optim.lr": 0.01, "augment.elastic_p": 0.5}
+        "train.num_overlays": 2, "optim.lr": 0.01, "augment.elastic_p": 0.5,
+        "train.export": False}
 
 
 def tiny_config(root, out, **overrides):
@@ -136,11 +137,13 @@ def test_early_stopping(synth_root, tmp_path, monkeypatch):
     assert result.best_epoch == 0
 
 
-def test_no_data_dir_trains_on_generated_synthetic_data(tmp_path):
-    cfg = tiny_config(None, tmp_path, **{"train.epochs": 1, "data.synthetic_patients": 4})
+def test_no_data_dir_trains_on_synthetic_data_and_exports(tmp_path):
+    cfg = tiny_config(None, tmp_path, **{"train.epochs": 1, "data.synthetic_patients": 4,
+                                         "train.export": True})
     result = run_training(cfg)
     assert (tmp_path / "synthetic" / "kaggle_3m" / "data.csv").is_file()
     assert result.epochs_run == 1
+    assert (tmp_path / "model.ts").is_file()  # the best model, exported when training ends
 
 
 def test_lr_schedule_and_precision_defaults():
@@ -170,7 +173,7 @@ def test_one_and_two_gloo_processes_report_the_same_validation(synth_root, tmp_p
     out = tmp_path / "ddp"
     common = ["--data-dir", str(synth_root), "--output-dir", str(out), "--image-size", "32",
               "--base-width", "4", "--batch-size", "8", "--set", "train.num_overlays=1",
-              "--set", "data.val_fraction=0.3"]
+              "--set", "data.val_fraction=0.3", "--set", "train.export=false"]
     trained = _launch([*common, "--epochs", "1"], 2, REPO, 29611)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "training on 2 process(es)" in trained.stderr
