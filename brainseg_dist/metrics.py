@@ -75,16 +75,16 @@ def patient_dice(counts: np.ndarray, patients: np.ndarray) -> dict[str, float]:
 
 
 def summarize_dice(counts: np.ndarray, patients: np.ndarray) -> dict[str, float]:
-    """Global Dice, per-patient 3D Dice (mean/median/std) and Dice on tumour slices."""
+    """Global Dice, per-patient 3D Dice (mean/median/sample SD) and Dice on tumour slices."""
     counts = np.asarray(counts, dtype=np.int64).reshape(-1, 3)
-    per_patient = np.array(list(patient_dice(counts, patients).values()))
+    per_patient = patient_dice_summary(patient_dice(counts, patients))
     tumour = counts[:, 2] > 0
     per_slice = dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
     return {
         "dice": float(dice_from_counts(*counts.sum(0))),
-        "dice_patient_mean": float(per_patient.mean()) if len(per_patient) else float("nan"),
-        "dice_patient_median": float(np.median(per_patient)) if len(per_patient) else float("nan"),
-        "dice_patient_std": float(per_patient.std()) if len(per_patient) else float("nan"),
+        "dice_patient_mean": per_patient["mean"],
+        "dice_patient_median": per_patient["median"],
+        "dice_patient_std": per_patient["sd"],  # sample SD, as in evaluation
         "dice_tumour_slices": float(per_slice[tumour].mean()) if tumour.any() else float("nan"),
     }
 
