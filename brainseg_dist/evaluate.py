@@ -39,6 +39,7 @@ import torch
 from brainseg_dist.console import console, progress, warn
 from brainseg_dist.data.decode import SliceError, read_pair
 from brainseg_dist.data.scan import list_slices
+from brainseg_dist.data.synth import run_data_root
 from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
 from brainseg_dist.export import build_pipeline, load_checkpoint
 from brainseg_dist.io import atomic_write, atomic_write_bytes, atomic_write_json
@@ -92,12 +93,6 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def run_data_root(run_dir: Path, cfg: dict[str, Any]) -> Path:
-    """The run's dataset root: ``data.data_dir``, or the synthetic set in the run directory."""
-    data_dir = (cfg.get("data") or {}).get("data_dir")
-    return Path(data_dir) if data_dir else run_dir / "synthetic" / "kaggle_3m"
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -310,7 +305,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
     ckpt_path = run_dir / checkpoint if (run_dir / checkpoint).is_file() else Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.state.get("config") or {}
-    run_root = run_data_root(run_dir, cfg)
+    run_root = run_data_root(run_dir, (cfg.get("data") or {}).get("data_dir"))
     root = Path(data_dir) if data_dir is not None else run_root
     own_root = _same_path(root, run_root)
     split = split or ("test" if own_root else "all")

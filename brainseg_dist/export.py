@@ -37,6 +37,7 @@ from torch import nn
 
 from brainseg_dist.augment import MIN_STD
 from brainseg_dist.console import console, warn
+from brainseg_dist.data.synth import run_data_root
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.io import atomic_write
 from brainseg_dist.model import build_model
@@ -272,11 +273,6 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu"
 
 
 # ----------------------------------------------------------------------------- parity inputs
-def _run_data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path:
-    data_dir = (cfg.get("data") or {}).get("data_dir")
-    return Path(data_dir) if data_dir else run_dir / "synthetic" / "kaggle_3m"
-
-
 def parity_inputs(run_dir: Path, cfg: dict[str, Any], count: int = 8
                   ) -> tuple[torch.Tensor, str]:
     """Native slices from the run's dataset for the parity check (uint8 ``N×3×H×W``).
@@ -290,7 +286,7 @@ def parity_inputs(run_dir: Path, cfg: dict[str, Any], count: int = 8
     from brainseg_dist.data.decode import SliceError, read_image
     from brainseg_dist.data.scan import list_slices
 
-    root = _run_data_dir(run_dir, cfg)
+    root = run_data_root(run_dir, (cfg.get("data") or {}).get("data_dir"))
     table, _ = list_slices(root) if root.is_dir() else (None, [])
     if table is not None and len(table):
         tumour = np.array([Path(p).stat().st_size for p in table["mask_path"]])

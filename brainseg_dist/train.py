@@ -29,7 +29,7 @@ from brainseg_dist.console import console, progress
 from brainseg_dist.data import SliceData, load_dataset
 from brainseg_dist.data.loader import SliceDataset, collate_batch
 from brainseg_dist.data.split import load_split, make_split, patient_burden, save_split
-from brainseg_dist.data.synth import write_synthetic_dataset
+from brainseg_dist.data.synth import run_data_root, write_synthetic_dataset
 from brainseg_dist.errors import BrainsegError, NonFiniteLossError
 from brainseg_dist.io import atomic_torch_save, atomic_write_text
 from brainseg_dist.metrics import bce_dice_loss, overlap_counts, summarize_dice
@@ -93,9 +93,9 @@ def lr_factor(epoch: int, cfg: Config) -> float:
 
 def prepare_data_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """The dataset root: ``data.data_dir``, or a synthetic dataset generated once per run."""
+    root = run_data_root(cfg.train.output_dir, cfg.data.data_dir)
     if cfg.data.data_dir:
-        return Path(cfg.data.data_dir)
-    root = Path(cfg.train.output_dir) / "synthetic" / "kaggle_3m"
+        return root
     done = root.parent / "COMPLETE"
     if accelerator.is_main_process and not done.exists():
         write_synthetic_dataset(root, patients=cfg.data.synthetic_patients, seed=cfg.train.seed)
