@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -21,11 +20,21 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BrainsegError as exc:
-            console.print("[bold red]error:[/bold red] ", end="")
-            console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
-            sys.exit(1)
+            _print_error(str(exc))
+        except OSError as exc:
+            # The file system refused (disk full, permissions, a path through a file):
+            # a fault of the environment, named, not a bug of the program.
+            if exc.filename is None:
+                raise
+            _print_error(f"{exc.filename}: {exc.strerror or exc}")
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    console.print("[bold red]error:[/bold red] ", end="")
+    console.print(message, highlight=False, markup=False, soft_wrap=True)
+    sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,8 +45,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--patients", default=12, show_default=True, help="Number of patient folders.")
-@click.option("--seed", default=0, show_default=True, help="Same seed, same files.")
+@click.option("--patients", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Number of patient folders.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Same seed, same files.")
 @reports_errors
 def synth(out: Path, patients: int, seed: int) -> None:
     """Write a synthetic dataset in the kaggle_3m layout to OUT."""
@@ -63,7 +74,8 @@ def _skip_invalid_option(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of tables.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               help="Write sample-grid, class-balance and tumour-size PNGs here.")
-@click.option("--image-size", default=128, show_default=True, help="Training size to cache.")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Training size to cache.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Decoded-slice cache (default ~/.cache/brainseg_dist).")
 @_skip_invalid_option
@@ -73,6 +85,7 @@ def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: in
     """Validate ROOT and print patients, slices, positives and tumour sizes."""
     from brainseg_dist.data import load_dataset
     from brainseg_dist.data.summary import summarize
+    from brainseg_dist.io import dumps_strict
 
     data = load_dataset(root, image_size=image_size, cache_dir=cache_dir,
                         skip_invalid=skip_invalid, show_progress=not as_json)
@@ -82,7 +95,7 @@ def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: in
     if figures is not None:
         summary["figures"] = [str(p) for p in _dataset_figures(data, figures)]
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(dumps_strict(summary, indent=2))
     else:
         _print_summary(summary)
 
@@ -166,7 +179,11 @@ def _train_options(fn):
 
 
 def parse_set_options(pairs: tuple[str, ...]) -> dict[str, object]:
-    """``("train.epochs=3", ...)`` -> ``{"train.epochs": 3}`` (values parsed as YAML)."""
+    """``("train.epochs=3", ...)`` -> ``{"train.epochs": 3}`` (values parsed as YAML).
+
+    Raises:
+        ConfigError: a pair is not ``SECTION.KEY=VALUE`` or its value is not valid YAML.
+    """
     import yaml
 
     from brainseg_dist.errors import ConfigError
@@ -176,8 +193,24 @@ def parse_set_options(pairs: tuple[str, ...]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set {pair!r}: expected SECTION.KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {pair!r}: the value of {key.strip()} is not valid YAML "
+                              f"({problem}); quote it if it is a string") from None
     return out
+
+
+def override_sources(options: dict[str, object], set_pairs: tuple[str, ...]
+                     ) -> dict[str, str]:
+    """``{"train.epochs": "--epochs 3", ...}``: which flag set each overridden key."""
+    sources = {TRAIN_OVERRIDES[k][0]: f"--{k.replace('_', '-')} {v}"
+               for k, v in options.items() if k in TRAIN_OVERRIDES and v is not None}
+    sources.update({"train.cpu": "--cpu", "data.skip_invalid": "--skip-invalid"})
+    for pair in set_pairs:
+        sources[pair.partition("=")[0].strip()] = f"--set {pair}"
+    return sources
 
 
 @click.command("train")
@@ -190,26 +223,31 @@ def parse_set_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--set", "set_pairs", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config value, e.g. --set augment.elastic_p=0.5.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir from last.pt.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in --output-dir (its checkpoints, metrics, model.ts, "
+                   "model.pt2 and eval_* are removed first).")
 @click.option("--validate-only", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Only validate this checkpoint on the run's split; writes validation.json.")
 @reports_errors
 def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: bool,
-                  validate_only: Path | None, cpu: bool | None, skip_invalid: bool | None,
-                  **options) -> None:
+                  overwrite: bool, validate_only: Path | None, cpu: bool | None,
+                  skip_invalid: bool | None, **options) -> None:
     """Train the U-Net (single process here; use accelerate launch for several)."""
     from brainseg_dist.config import load_config
+    from brainseg_dist.rundir import prepare_run_dir
     from brainseg_dist.train import run_training
 
     overrides = {TRAIN_OVERRIDES[k][0]: v for k, v in options.items()}
     overrides["train.cpu"] = cpu
     overrides["data.skip_invalid"] = skip_invalid
     overrides.update(parse_set_options(set_pairs))
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, override_sources(options, set_pairs))
     if validate_only is not None:
         from brainseg_dist.train import validate_checkpoint
 
         validate_checkpoint(cfg, validate_only)
     else:
+        prepare_run_dir(cfg.train.output_dir, resume=resume, overwrite=overwrite)
         run_training(cfg, resume=resume)
 
 
@@ -232,7 +270,8 @@ main.add_command(train_command)
               help="Checkpoint file in RUN_DIR (or a path).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: RUN_DIR/eval_<split>].")
-@click.option("--batch-size", default=16, show_default=True, help="Slices per forward pass.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Slices per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @reports_errors
 def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tta: bool,
@@ -255,7 +294,7 @@ def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tt
               help="Checkpoint file in RUN_DIR (or a path).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TorchScript file [default: RUN_DIR/model.ts]; model.pt2 goes next to it.")
-@click.option("--tolerance", default=1e-4, show_default=True,
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
               help="Largest allowed |probability difference| against the eager model.")
 @click.option("--no-pt2", is_flag=True, help="Skip the torch.export program (model.pt2).")
 @reports_errors
@@ -274,9 +313,11 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--batch-size", default=32, show_default=True, help="Slices per forward pass.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Slices per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None,
               help="Probability threshold [default: the model's training threshold].")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs.")
 @reports_errors

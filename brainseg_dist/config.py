@@ -6,11 +6,16 @@ that name the file and the key. Command-line overrides are applied on top.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import hashlib
 import json
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -116,6 +121,11 @@ _CHOICES = {
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation (int, float, bool, str, optional)."""
+    if isinstance(value, datetime.date):  # YAML reads 2024-01-01 as a date
+        if annotation in (str, str | None):
+            return value.isoformat()
+        raise ConfigError(f"{where}: got {value} (YAML read it as a date); quote it or give "
+                          "a number")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -132,6 +142,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if annotation is str:
@@ -145,13 +157,21 @@ def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_dict(raw: dict[str, Any] | None, source: str = "config") -> Config:
+def from_dict(raw: dict[str, Any] | None, source: str = "config",
+              key_sources: dict[str, str] | None = None) -> Config:
     """Build and validate a :class:`Config` from nested dicts (e.g. parsed YAML).
+
+    Args:
+        raw: ``{section: {key: value}}``.
+        source: where the values come from (a file name, or ``defaults``).
+        key_sources: ``{"section.key": origin}`` for values that came from elsewhere (a
+            command-line flag or ``--set``), so an error blames the right place.
 
     Raises:
         ConfigError: unknown section or key, wrong type, or a value out of range;
-            the message names ``source`` and the key.
+            the message names where the value came from and the key.
     """
+    key_sources = key_sources or {}
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -159,7 +179,9 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> Config:
     sections = {f.name: f for f in fields(Config)}
     for name, values in raw.items():
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section '{name}' (known: "
+            origin = next((v for k, v in key_sources.items() if k.startswith(f"{name}.")),
+                          source)
+            raise ConfigError(f"{origin}: unknown section '{name}' (known: "
                               f"{', '.join(sections)})")
         if values is None:
             continue
@@ -168,20 +190,48 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> Config:
         section = getattr(config, name)
         types_ = _section_types(type(section))
         for key, value in values.items():
+            origin = key_sources.get(f"{name}.{key}", source)
             if key not in types_:
-                raise ConfigError(f"{source}: unknown key '{name}.{key}' (known: "
+                raise ConfigError(f"{origin}: unknown key '{name}.{key}' (known: "
                                   f"{', '.join(types_)})")
-            setattr(section, key, _coerce(value, types_[key], f"{source}: {name}.{key}"))
-    validate(config, source)
+            setattr(section, key, _coerce(value, types_[key], f"{origin}: {name}.{key}"))
+    validate(config, _blame(source, key_sources))
     return config
 
 
-def validate(config: Config, source: str = "config") -> None:
-    """Range and choice checks that types alone cannot express."""
+_KEY_RE = re.compile(r"\b(?:data|augment|model|optim|train)\.\w+")
+
+
+def _blame(source: str, key_sources: dict[str, str]) -> str | Callable[[str], str]:
+    """Who a failed range check is reported against: the override(s) that set a key the
+    message names, else the file."""
+    if not key_sources:
+        return source
+
+    def origin(message: str) -> str:
+        named = [key_sources[k] for k in dict.fromkeys(_KEY_RE.findall(message))
+                 if k in key_sources]
+        return ", ".join(named) if named else source
+
+    return origin
+
+
+def validate(config: Config, source: str | Callable[[str], str] = "config") -> None:
+    """Range and choice checks that types alone cannot express.
+
+    Args:
+        config: the config to check.
+        source: where the values came from, or a function of the error message that says
+            which file or flag set the offending key.
+    """
+    def where(message: str) -> str:
+        return source(message) if callable(source) else source
+
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in choices:
-            raise ConfigError(f"{source}: {section}.{key} must be one of {choices}, got {value!r}")
+            message = f"{section}.{key} must be one of {choices}, got {value!r}"
+            raise ConfigError(f"{where(message)}: {message}")
     checks = [
         (config.data.image_size >= 16 and config.data.image_size % 2 ** config.model.depth == 0,
          f"data.image_size must be >=16 and divisible by {2 ** config.model.depth}"),
@@ -203,42 +253,70 @@ def validate(config: Config, source: str = "config") -> None:
         (0 < config.train.threshold < 1, "train.threshold must be in (0, 1)"),
         (config.train.patience >= 0, "train.patience must be >= 0"),
         (0 <= config.augment.rotation_degrees <= 180, "augment.rotation_degrees in [0, 180]"),
+        (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (config.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0: off)"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.data.folds >= 0 and config.data.fold >= 0, "data.folds and data.fold >= 0"),
+        (0 <= config.train.seed < 2**32, "train.seed must be in [0, 2**32)"),
+        (config.train.stop_after_epoch >= 0, "train.stop_after_epoch must be >= 0 (0: off)"),
+        (config.train.num_overlays >= 0, "train.num_overlays must be >= 0"),
+        (config.train.output_dir.strip() != "", "train.output_dir must not be empty"),
+        (config.augment.elastic_alpha >= 0 and config.augment.elastic_sigma > 0,
+         "augment.elastic_alpha >= 0 and augment.elastic_sigma > 0"),
+        (config.augment.intensity_strength >= 0, "augment.intensity_strength must be >= 0"),
     ]
     for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p"):
         checks.append((0 <= getattr(config.augment, name) <= 1, f"augment.{name} in [0, 1]"))
     for ok, message in checks:
         if not ok:
-            raise ConfigError(f"{source}: {message}")
+            raise ConfigError(f"{where(message)}: {message}")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                override_sources: dict[str, str] | None = None) -> Config:
     """Read a YAML config (or the defaults) and apply ``{"section.key": value}`` overrides.
 
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: values that replace the file's (None values are ignored).
+        override_sources: ``{"section.key": "--epochs"}``: where each override came from, for
+            error messages (default ``override section.key``).
+
     Raises:
-        ConfigError: missing or unparsable file, or any invalid key or value.
+        ConfigError: missing or unparsable file, or any invalid key or value; the message
+            names the file, flag or ``--set`` the value came from.
     """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable config file ({exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = json.loads(json.dumps(raw))  # deep copy
+    raw = copy.deepcopy(raw)  # YAML may hold dates, which a JSON round trip cannot copy
+    key_sources = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
+        key_sources[dotted] = (override_sources or {}).get(dotted, f"override {dotted}")
         section, _, key = dotted.partition(".")
         raw.setdefault(section, {})
         if raw[section] is None:
             raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping")
         raw[section][key] = value
-    return from_dict(raw, source)
+    return from_dict(raw, source, key_sources)
 
 
 def dump_config(config: Config) -> str:

@@ -25,7 +25,6 @@ Outputs (``RUN_DIR/eval_<split>`` by default): ``per_patient.csv``, ``summary.js
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,13 @@ from brainseg_dist.data.scan import list_slices
 from brainseg_dist.data.synth import run_data_root
 from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
 from brainseg_dist.export import build_pipeline, load_checkpoint
-from brainseg_dist.io import atomic_write, atomic_write_bytes, atomic_write_json
+from brainseg_dist.io import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    read_json,
+)
 from brainseg_dist.metrics import (
     dice_from_counts,
     hd95_per_slice,
@@ -53,7 +58,7 @@ from brainseg_dist.metrics import (
     patient_dice_summary,
     slice_metrics,
 )
-from brainseg_dist.predict import predict_volume, volume_stats_of
+from brainseg_dist.predict import check_device, predict_volume, volume_stats_of
 
 VARIANTS = ("plain", "tta", "lcc", "tta+lcc")
 SPLITS = ("test", "val", "train", "all")
@@ -82,19 +87,6 @@ def headline_name(tta: bool, lcc: bool) -> str:
             (True, True): "tta+lcc"}[(tta, lcc)]
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _same_path(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -116,10 +108,16 @@ def select_patients(table: pd.DataFrame, run_dir: Path, split: str, root: Path
     path = run_dir / "split.json"
     if not path.is_file():
         raise BrainsegError(f"{path}: not found; use --split all to evaluate every patient")
-    parts = json.loads(path.read_text())
+    parts = read_json(path, "split file")
+    if not isinstance(parts, dict):
+        raise BrainsegError(f"{path}: damaged split file (expected an object with train, val "
+                            f"and test lists, got {type(parts).__name__})")
     if split not in parts:
         raise BrainsegError(f"{path}: no '{split}' part (has {', '.join(parts)})")
-    wanted = list(parts[split])
+    wanted = parts[split]
+    if not isinstance(wanted, list) or not all(isinstance(p, str) for p in wanted):
+        raise BrainsegError(f"{path}: damaged split file ('{split}' must be a list of "
+                            "patient IDs)")
     chosen = [p for p in wanted if p in set(present)]
     missing = [p for p in wanted if p not in set(present)]
     if not chosen:
@@ -298,10 +296,13 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
         BrainsegError: missing run files, unknown split, no patients, bad data (named).
     """
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise BrainsegError(f"{run_dir}: run directory not found")
+    from brainseg_dist.rundir import existing_run_dir
+
+    run_dir = existing_run_dir(run_dir)
     # The run's own checkpoint first; a path that exists as given otherwise.
+    check_device(device)
+    if batch_size < 1:
+        raise BrainsegError(f"--batch-size {batch_size}: must be >= 1")
     ckpt_path = run_dir / checkpoint if (run_dir / checkpoint).is_file() else Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.state.get("config") or {}
@@ -311,8 +312,6 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
     split = split or ("test" if own_root else "all")
     if split not in SPLITS:
         raise BrainsegError(f"--split {split}: expected one of {', '.join(SPLITS)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BrainsegError(f"--device {device}: CUDA is not available on this machine")
     table, problems = list_slices(root)
     skip_invalid = bool((cfg.get("data") or {}).get("skip_invalid", False))
     if problems and (not skip_invalid or not len(table)):
@@ -321,6 +320,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
     table = table[table["patient"].isin(set(patients))]
     headline = headline_name(tta, lcc)
     out = Path(out) if out is not None else run_dir / f"eval_{split}"
+    check_writable(out, "evaluation output folder (--out)")  # before any slice is decoded
 
     pipeline = build_pipeline(ckpt).to(device)
     results: list[PatientResult] = []
@@ -359,7 +359,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
         "figures": [p.name for p in written],
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_json(out / "summary.json", _clean(summary))
+    atomic_write_json(out / "summary.json", summary)  # strict JSON: NaN becomes null
     return EvalResult(out, summary, per_patient, written)
 
 

@@ -39,7 +39,7 @@ from brainseg_dist.augment import MIN_STD
 from brainseg_dist.console import console, warn
 from brainseg_dist.data.synth import run_data_root
 from brainseg_dist.errors import BrainsegError
-from brainseg_dist.io import atomic_write
+from brainseg_dist.io import atomic_write, check_writable, dumps_strict, load_checkpoint_file
 from brainseg_dist.model import build_model
 
 FORMAT_VERSION = 1
@@ -181,26 +181,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         BrainsegError: missing file, unreadable file or missing keys (named in the message).
     """
     path = Path(path)
-    if not path.is_file():
-        raise BrainsegError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for truncated/corrupt files
-        raise BrainsegError(f"{path}: unreadable checkpoint ({exc})") from None
+    state = load_checkpoint_file(path)  # weights_only=True: opening it cannot run code
     missing = [k for k in ("model", "model_args", "image_size", "normalization", "threshold")
-               if not isinstance(state, dict) or k not in state]
+               if k not in state]
     if missing:
         raise BrainsegError(f"{path}: not a brainseg checkpoint (missing {', '.join(missing)})")
-    return Checkpoint(path, state, int(state["image_size"]), str(state["normalization"]),
-                      float(state["threshold"]), str(state.get("config_hash", "")),
-                      dict(state["model_args"]), state.get("epoch"))
+    try:
+        return Checkpoint(path, state, int(state["image_size"]), str(state["normalization"]),
+                          float(state["threshold"]), str(state.get("config_hash", "")),
+                          {k: int(state["model_args"][k]) for k in ("base_width", "depth")},
+                          state.get("epoch"))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BrainsegError(f"{path}: not a brainseg checkpoint (bad metadata: "
+                            f"{type(exc).__name__}: {exc})") from None
 
 
 def build_unet(ckpt: Checkpoint) -> nn.Module:
     """The checkpoint's U-Net in eval mode, contiguous memory format, on the CPU."""
     unet = build_model(ckpt.model_args["base_width"], ckpt.model_args["depth"],
                        channels_last=False)
-    unet.load_state_dict(ckpt.state["model"])
+    try:
+        unet.load_state_dict(ckpt.state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BrainsegError(f"{ckpt.path}: weights do not fit the U-Net its metadata describes "
+                            f"({str(exc).strip().splitlines()[0]})") from None
     return unet.eval()
 
 
@@ -266,9 +270,24 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu"
         with quiet_jit_deprecation():
             module = torch.jit.load(str(path), map_location=device, _extra_files=files)
     except Exception as exc:  # torch raises RuntimeError and others for bad archives
-        raise BrainsegError(f"{path}: not a loadable TorchScript model ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BrainsegError(f"{path}: not a loadable TorchScript model ({first})") from None
     raw = files[METADATA_FILE]
-    meta = json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BrainsegError(f"{path}: damaged {METADATA_FILE} inside the model ({exc})"
+                            ) from None
+    missing = [name for name in ("prepare", "volume_stats", "predict_with_stats", "threshold",
+                                 "normalization", "image_size") if not hasattr(module, name)]
+    if missing:
+        raise BrainsegError(f"{path}: a TorchScript model, but not a brainseg segmentation "
+                            f"model (lacks {', '.join(missing)}); export one with "
+                            "`brainseg export RUN_DIR`")
+    version = getattr(module, "format_version", FORMAT_VERSION)
+    if not isinstance(meta, dict) or int(version) > FORMAT_VERSION:
+        raise BrainsegError(f"{path}: model format version {version} is newer than this "
+                            f"brainseg reads ({FORMAT_VERSION}); update brainseg-dist")
     return module.eval(), meta
 
 
@@ -405,13 +424,16 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = "best.pt",
         ExportError: scripting failed or parity is worse than ``tolerance``.
         BrainsegError: missing run directory or checkpoint.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise BrainsegError(f"{run_dir}: run directory not found")
+    from brainseg_dist.rundir import existing_run_dir
+
+    run_dir = existing_run_dir(run_dir)
     # The run's own checkpoint first; a path that exists as given otherwise.
     ckpt_path = run_dir / checkpoint if (run_dir / checkpoint).is_file() else Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     out = Path(out) if out is not None else run_dir / "model.ts"
+    if out.is_dir():
+        raise BrainsegError(f"{out}: --out is a folder; give the TorchScript file name")
+    check_writable(out.parent, "folder of --out")  # before the slow scripting and parity
     eager = build_pipeline(ckpt)
     images, source = parity_inputs(run_dir, ckpt.state.get("config") or {}, parity_count)
     batches = _parity_batches(images)
@@ -434,7 +456,7 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = "best.pt",
     def write_checked(tmp: Path) -> None:
         with quiet_jit_deprecation():
             torch.jit.save(scripted, str(tmp),
-                           _extra_files={METADATA_FILE: json.dumps(meta, indent=2, default=str)})
+                           _extra_files={METADATA_FILE: dumps_strict(meta, indent=2)})
         loaded, _ = load_torchscript(tmp)
         reloaded, _ = max_abs_difference(reference[:1], loaded, batches[:1])
         if not reloaded <= tolerance:
@@ -476,8 +498,7 @@ def _write_pt2(res: ExportResult, eager: SegmentationPipeline, images: torch.Ten
 
     def write_checked(tmp: Path) -> None:
         buf = io.BytesIO()
-        torch.export.save(program, buf, extra_files={METADATA_FILE: json.dumps(meta,
-                                                                                default=str)})
+        torch.export.save(program, buf, extra_files={METADATA_FILE: dumps_strict(meta)})
         data = buf.getvalue()
         tmp.write_bytes(data)
         # Load from the bytes just written (torch.export.load wants a name ending in .pt2).

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -33,7 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use normal permissions
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; use normal permissions
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -50,10 +51,193 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``obj`` as strict JSON (NaN/inf become ``null``)."""
+    return atomic_write_text(path, dumps_strict(obj, indent=2) + "\n")
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+# ----------------------------------------------------------------------------- strict JSON
+def json_safe(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, numpy scalars and arrays -> Python, paths -> str."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes ``null`` for NaN/inf and never a bare ``NaN``.
+
+    Args:
+        obj: any mix of dicts, lists, numbers, strings, numpy values and paths.
+        kwargs: passed to :func:`json.dumps` (e.g. ``indent``).
+
+    Returns:
+        Strict JSON text (readable by any JSON parser).
+    """
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kwargs)
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file, with one clear error line for a missing or damaged file.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message (e.g. ``"split file"``).
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        BrainsegError: the file is missing, unreadable or not valid JSON (named).
+    """
+    from brainseg_dist.errors import BrainsegError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BrainsegError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BrainsegError(f"{path}: damaged {what} ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one clear error line per failure.
+
+    ``weights_only=True`` refuses any pickled object other than tensors and plain values, so
+    opening a foreign checkpoint cannot run code.
+
+    Args:
+        path: a checkpoint written by training (``best.pt``/``last.pt``).
+
+    Returns:
+        The checkpoint's dict, on the CPU.
+
+    Raises:
+        BrainsegError: missing, empty, truncated or foreign file, or one that holds unsafe
+            objects; the message names the file.
+    """
+    import pickle
+    import re
+
+    import torch
+
+    from brainseg_dist.errors import BrainsegError
+
+    path = Path(path)
+    if path.is_dir():
+        raise BrainsegError(f"{path}: is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise BrainsegError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise BrainsegError(f"{path}: empty checkpoint file (0 bytes); it was never written "
+                            "completely")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # not a pickle at all, or a damaged one
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+            raise BrainsegError(f"{path}: unreadable checkpoint (damaged or truncated: "
+                                f"{detail[1] if detail else _first_line(exc)})") from None
+        what = f" ({found[1]})"
+        raise BrainsegError(
+            f"{path}: refused to open: the checkpoint holds Python objects{what} other than "
+            "tensors and plain values, which could run code when loaded; only checkpoints "
+            "written by brainseg training are accepted") from None
+    except Exception as exc:  # torch raises several types for truncated/corrupt archives
+        raise BrainsegError(f"{path}: unreadable checkpoint (damaged or truncated: "
+                            f"{_first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise BrainsegError(f"{path}: not a brainseg checkpoint (holds a "
+                            f"{type(state).__name__}, expected a dict)")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- folders
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any work.
+
+    Args:
+        folder: the folder outputs will go to.
+        what: what the folder is, for the message (e.g. ``"--out"``).
+
+    Returns:
+        The folder.
+
+    Raises:
+        BrainsegError: the folder is a file, cannot be created, or is not writable.
+    """
+    from brainseg_dist.errors import BrainsegError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BrainsegError(f"{folder}: {what} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BrainsegError(f"{folder}: {what} cannot be written ({exc.strerror or exc})"
+                            ) from None
+    return folder
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is a leftover of :func:`atomic_write` (``.NAME.XXXX.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and staging folders that a killed process left behind.
+
+    Only names made by :func:`atomic_write` (``.NAME.XXXX.tmp``) and by staged outputs
+    (``.NAME.XXXX.tmp`` folders) are touched, anywhere below ``folder``.
+
+    Args:
+        folder: e.g. a run directory.
+
+    Returns:
+        The paths removed.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.rglob(".*.tmp")):
+        if not is_temporary(p) or not p.exists():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

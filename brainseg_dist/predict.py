@@ -11,8 +11,12 @@ an input patient folder is refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ import torch
 from brainseg_dist.console import console, progress
 from brainseg_dist.data.scan import patient_id
 from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
-from brainseg_dist.io import atomic_write, atomic_write_bytes
+from brainseg_dist.io import atomic_write, atomic_write_bytes, check_writable, current_umask
 
 TIF_SUFFIXES = (".tif", ".tiff")
 _NUMBER_RE = re.compile(r"_(\d+)$")
@@ -140,14 +144,26 @@ def find_inputs(path: str | Path) -> tuple[str, dict[str, list[Path]]]:
 
 
 def plan_outputs(groups: dict[str, list[Path]], out: Path) -> list[InputSlice]:
-    """Output paths for every input slice."""
-    plan = []
+    """Output paths for every input slice.
+
+    Raises:
+        DatasetError: two inputs would write the same output (``x.tif`` next to ``x.tiff``,
+            or two patient folders of the same name); both files are named.
+    """
+    plan, owner, problems = [], {}, []
     for folder, paths in groups.items():
         for p in paths:
             s = InputSlice(p, folder, p.stem)
             s.mask_out = out / folder / f"{p.stem}_mask.tif"
             s.overlay_out = out / folder / "overlays" / f"{p.stem}.png"
+            key = str(s.mask_out).lower()  # case-insensitive file systems clash too
+            if key in owner:
+                problems.append(DataProblem(p, f"same output {s.mask_out.name} as "
+                                               f"{owner[key]}; rename one of them"))
+            owner.setdefault(key, p)
             plan.append(s)
+    if problems:
+        raise DatasetError(problems)
     return plan
 
 
@@ -267,6 +283,28 @@ class PredictResult:
     volume: pd.DataFrame
 
 
+def check_device(device: str) -> torch.device:
+    """Parse ``--device`` and check it exists here, before any model or data is read.
+
+    Raises:
+        BrainsegError: not a device name torch knows, or CUDA missing.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise BrainsegError(f"--device {device}: not a device name ({exc}); use cpu or cuda"
+                            ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BrainsegError(f"--device {device}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BrainsegError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                                "device(s) here")
+    elif parsed.type != "cpu":
+        raise BrainsegError(f"--device {device}: unsupported device type; use cpu or cuda")
+    return parsed
+
+
 def resolve_model(model: str | Path) -> Path:
     """MODEL as given: a ``model.ts`` file, or a run directory (its ``model.ts``, exported
     from ``best.pt`` first when missing)."""
@@ -323,16 +361,80 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
     """
     t0 = time.perf_counter()
     input_path, out = Path(input_path), Path(out)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BrainsegError(f"--device {device}: CUDA is not available on this machine")
+    check_device(device)
+    if batch_size < 1:
+        raise BrainsegError(f"--batch-size {batch_size}: must be >= 1")
     kind, groups = find_inputs(input_path)
     plan = plan_outputs(groups, out)
     check_no_overwrite(out, plan)
+    check_replaceable(out)
     check_inputs(plan)
     module, meta = load_model(resolve_model(model), device)
     thr = float(meta["threshold"] if threshold is None else threshold)
     if not 0 < thr < 1:
         raise BrainsegError(f"--threshold {thr}: must be between 0 and 1")
+    # Everything is written to a staging folder beside OUT and moved into place at the end:
+    # a failure half-way leaves an earlier OUT exactly as it was.
+    with staged_folder(out) as stage:
+        area, vol = _predict_into(stage, out, plan, module, meta, thr, batch_size, device,
+                                  overlays, show_progress, on_folder)
+    seconds = time.perf_counter() - t0
+    return PredictResult(out, kind, len(plan), area["folder"].nunique() if len(area) else 0,
+                         seconds, len(plan) / seconds if seconds > 0 else float("nan"), area,
+                         vol)
+
+
+PREDICTION_MARKER = "tumour_area.csv"  # an OUT holding this was written by predict
+
+
+def check_replaceable(out: Path) -> None:
+    """OUT is replaced as a whole: refuse a non-empty OUT that predict did not write, and
+    check before any decoding that its parent folder takes new files.
+
+    Raises:
+        BrainsegError: OUT holds other files, or its folder cannot be written.
+    """
+    if out.is_dir() and any(out.iterdir()) and not (out / PREDICTION_MARKER).is_file():
+        raise BrainsegError(f"{out}: output folder is not empty and holds no earlier "
+                            f"predictions ({PREDICTION_MARKER}); predict replaces OUT as a "
+                            "whole, so choose a new or empty folder")
+    check_writable(out.parent, "folder of OUT")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """Yield an empty staging folder beside ``out``; on success it replaces ``out``.
+
+    The earlier ``out`` (if any) is renamed aside, the stage renamed to ``out``, and only
+    then the earlier one deleted; on any failure the stage is deleted and ``out`` untouched.
+    Leftovers of a killed process are named ``.NAME.XXXX.tmp`` (removed by
+    :func:`brainseg_dist.io.remove_temporaries`).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield stage
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes 0700; use normal permissions
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp",
+                                        dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _predict_into(stage: Path, out: Path, plan: list[InputSlice], module: Any,
+                  meta: dict[str, Any], thr: float, batch_size: int, device: str,
+                  overlays: bool, show_progress: bool,
+                  on_folder: Callable[[str, int], None] | None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict every planned slice; write masks, overlays and CSVs under ``stage`` (paths in
+    the CSVs are the final ones under ``out``)."""
     volume = meta["normalization"] == "volume"
     area_rows, volume_rows = [], []
     by_folder: dict[str, list[InputSlice]] = {}
@@ -356,9 +458,10 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
                 for j, i in enumerate(idx):
                     masks[i] = (probs[j, 0] > thr).numpy()
             for s, image, mask in zip(slices, images, masks, strict=True):
-                _write_mask(s.mask_out, mask.astype(np.uint8) * 255)
+                _write_mask(stage / s.mask_out.relative_to(out), mask.astype(np.uint8) * 255)
                 if overlays:
-                    atomic_write_bytes(s.overlay_out, overlay_png(image, mask))
+                    atomic_write_bytes(stage / s.overlay_out.relative_to(out),
+                                       overlay_png(image, mask))
                 area_rows.append({"patient": patient_id(folder), "folder": folder,
                                   "slice": s.name, "image_path": str(s.path),
                                   "mask_path": str(s.mask_out), "height": mask.shape[0],
@@ -373,8 +476,6 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
                 on_folder(folder, len(slices))
     area = pd.DataFrame(area_rows)
     vol = pd.DataFrame(volume_rows)
-    atomic_write(out / "tumour_area.csv", lambda p: area.to_csv(p, index=False))
-    atomic_write(out / "tumour_volume.csv", lambda p: vol.to_csv(p, index=False))
-    seconds = time.perf_counter() - t0
-    return PredictResult(out, kind, len(plan), len(by_folder), seconds,
-                         len(plan) / seconds if seconds > 0 else float("nan"), area, vol)
+    atomic_write(stage / "tumour_volume.csv", lambda p: vol.to_csv(p, index=False))
+    atomic_write(stage / PREDICTION_MARKER, lambda p: area.to_csv(p, index=False))
+    return area, vol

@@ -8,7 +8,6 @@ Validation overlap counts are gathered across ranks with the padding duplicates 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -31,9 +30,16 @@ from brainseg_dist.data.loader import SliceDataset, collate_batch
 from brainseg_dist.data.split import load_split, make_split, patient_burden, save_split
 from brainseg_dist.data.synth import run_data_root, write_synthetic_dataset
 from brainseg_dist.errors import BrainsegError, NonFiniteLossError
-from brainseg_dist.io import atomic_torch_save, atomic_write_text
+from brainseg_dist.io import (
+    atomic_torch_save,
+    atomic_write_text,
+    dumps_strict,
+    load_checkpoint_file,
+    remove_temporaries,
+)
 from brainseg_dist.metrics import bce_dice_loss, overlap_counts, summarize_dice
 from brainseg_dist.model import build_model
+from brainseg_dist.rundir import load_resumable
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_dice", "val_dice_patient_mean",
                "val_dice_patient_median", "val_dice_tumour_slices", "lr", "epoch_seconds",
@@ -97,11 +103,26 @@ def prepare_data_dir(cfg: Config, accelerator: Accelerator) -> Path:
     if cfg.data.data_dir:
         return root
     done = root.parent / "COMPLETE"
-    if accelerator.is_main_process and not done.exists():
+    # The marker holds the parameters: a set made with other ones is replaced, not reused.
+    key = f"patients={cfg.data.synthetic_patients} seed={cfg.train.seed}\n"
+    if accelerator.is_main_process and not _marker_matches(done, key):
+        done.unlink(missing_ok=True)
+        if root.exists():
+            import shutil
+
+            shutil.rmtree(root)
+        remove_temporaries(root.parent)
         write_synthetic_dataset(root, patients=cfg.data.synthetic_patients, seed=cfg.train.seed)
-        atomic_write_text(done, f"patients={cfg.data.synthetic_patients} seed={cfg.train.seed}\n")
+        atomic_write_text(done, key)
     accelerator.wait_for_everyone()
     return root
+
+
+def _marker_matches(marker: Path, key: str) -> bool:
+    try:
+        return marker.read_text() == key
+    except OSError:
+        return False
 
 
 def split_for_run(cfg: Config, data: SliceData, out: Path, resume: bool) -> dict:
@@ -114,7 +135,14 @@ def split_for_run(cfg: Config, data: SliceData, out: Path, resume: bool) -> dict
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors and plain values, so the checkpoint loads with
+    ``torch.load(weights_only=True)`` (numpy arrays would need an unsafe unpickler)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -122,8 +150,10 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -225,6 +255,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
             "metrics": metrics,
+            "history": list(self.history),  # metrics.jsonl is rebuilt from it on --resume
             "model_args": {"base_width": self.cfg.model.base_width,
                            "depth": self.cfg.model.depth},
             "image_size": self.cfg.data.image_size,
@@ -236,7 +267,7 @@ class Trainer:
         path = self.out / "last.pt"
         if not path.exists():
             raise BrainsegError(f"{path}: nothing to resume (no last.pt in the run directory)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_resumable(path)
         if state["config_hash"] != self.cfg.hash():
             raise BrainsegError(f"{path}: checkpoint was trained with a different config "
                                 f"(hash {state['config_hash']} != {self.cfg.hash()})")
@@ -248,15 +279,15 @@ class Trainer:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.stale_epochs = state["stale_epochs"]
         _set_rng_state(state["rng"])
-        metrics_path = self.out / "metrics.jsonl"
-        if metrics_path.exists():
-            rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-            self.history = [r for r in rows if r["epoch"] < self.start_epoch]
+        # last.pt carries the history up to its epoch: metrics.jsonl (written after it, so
+        # possibly one epoch behind after a kill, or damaged) is rewritten from it.
+        self.history = list(state["history"])
         if self.is_main:
+            self._write_history()
             console.print(f"resumed from {path} at epoch {self.start_epoch + 1}")
 
     def _write_history(self) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        text = "".join(dumps_strict(r) + "\n" for r in self.history)
         atomic_write_text(self.out / "metrics.jsonl", text)
 
     # ----------------------------------------------------------------- steps
@@ -459,13 +490,19 @@ def validate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
     Writes ``validation.json`` to the run directory (main process) and returns the metrics;
     used to check that every process count reports the same numbers.
     """
+    state = load_checkpoint_file(checkpoint)  # before any data is loaded
+    if "model" not in state:
+        raise BrainsegError(f"{checkpoint}: not a brainseg checkpoint (no model weights)")
     trainer = Trainer(cfg, resume=True)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    trainer.accelerator.unwrap_model(trainer.model).load_state_dict(state["model"])
+    try:
+        trainer.accelerator.unwrap_model(trainer.model).load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise BrainsegError(f"{checkpoint}: weights do not fit the configured model "
+                            f"({str(exc).splitlines()[0]})") from None
     metrics = trainer.validate()
     metrics["processes"] = trainer.accelerator.num_processes
     if trainer.is_main:
-        atomic_write_text(trainer.out / "validation.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(trainer.out / "validation.json", dumps_strict(metrics, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     return metrics
 

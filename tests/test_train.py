@@ -53,11 +53,11 @@ def test_run_directory(tiny_run):
     assert not parts[0] & parts[2]
     assert not parts[1] & parts[2]
     assert load_config(out / "config.yaml").data.image_size == 32
-    best = torch.load(out / "best.pt", weights_only=False)
+    best = torch.load(out / "best.pt", weights_only=True)
     assert best["epoch"] == result.best_epoch
     assert best["metrics"]["val_dice_patient_mean"] == pytest.approx(
         result.best_dice_patient_mean)
-    last = torch.load(out / "last.pt", weights_only=False)
+    last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert {"model", "optimizer", "rng", "config", "image_size", "threshold"} <= set(last)
 
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(synth_root, tmp_path, m
     with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 2, step 3"):
         run_training(tiny_config(synth_root, tmp_path, **{"train.epochs": 3}), resume=True)
     assert hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest() == digest
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
 
 
 def test_early_stopping(synth_root, tmp_path, monkeypatch):
@@ -195,4 +195,4 @@ def test_volume_normalization_trains(synth_root, tmp_path):
                                                "train.normalization": "volume"})
     result = run_training(cfg)
     assert result.history[0]["val_loss"] > 0
-    assert torch.load(tmp_path / "best.pt", weights_only=False)["normalization"] == "volume"
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["normalization"] == "volume"

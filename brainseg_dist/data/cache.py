@@ -27,10 +27,42 @@ CACHE_VERSION = 1
 
 def default_cache_dir() -> Path:
     """``$BRAINSEG_CACHE_DIR`` or ``$XDG_CACHE_HOME/brainseg_dist`` (``~/.cache/...``)."""
+    return _cache_dir_and_source()[0]
+
+
+def _cache_dir_and_source() -> tuple[Path, str]:
     if env := os.environ.get("BRAINSEG_CACHE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "brainseg_dist"
+        return Path(env), "BRAINSEG_CACHE_DIR"
+    if base := os.environ.get("XDG_CACHE_HOME"):
+        return Path(base) / "brainseg_dist", "XDG_CACHE_HOME"
+    return Path.home() / ".cache" / "brainseg_dist", "the default cache folder"
+
+
+def usable_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The decoded-slice cache folder, created and checked for writing before any decoding.
+
+    Args:
+        cache_dir: ``data.cache_dir``/``--cache-dir``, or None for :func:`default_cache_dir`.
+
+    Returns:
+        The folder.
+
+    Raises:
+        BrainsegError: the folder is a file or cannot be written; the message names the
+            setting it came from (``data.cache_dir``, ``BRAINSEG_CACHE_DIR``, ...).
+    """
+    from brainseg_dist.errors import BrainsegError
+    from brainseg_dist.io import check_writable
+
+    path, source = ((Path(cache_dir), "data.cache_dir / --cache-dir") if cache_dir is not None
+                    else _cache_dir_and_source())
+    try:
+        return check_writable(path / "decoded", f"decoded-slice cache (from {source})")
+    except BrainsegError:
+        if path.exists() and not path.is_dir():
+            raise BrainsegError(f"{path}: decoded-slice cache (from {source}) is a file, not a "
+                                "folder; point it at a folder or unset it") from None
+        raise
 
 
 @dataclass
@@ -127,6 +159,8 @@ def load_patients(
         One :class:`PatientSlices` per folder. Patients with problems are never cached.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if use_cache:
+        cache = usable_cache_dir(cache_dir).parent
     groups = [g for _, g in table.groupby("folder", sort=False)]
 
     def work(rows: pd.DataFrame) -> PatientSlices:

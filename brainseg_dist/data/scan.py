@@ -42,6 +42,9 @@ def list_slices(root: str | Path) -> tuple[pd.DataFrame, list[DataProblem]]:
     """
     root = Path(root)
     problems: list[DataProblem] = []
+    if root.exists() and not root.is_dir():
+        return pd.DataFrame(columns=SLICE_COLUMNS), [DataProblem(
+            root, "dataset root is a file; expected a folder of patient folders")]
     if not root.is_dir():
         return pd.DataFrame(columns=SLICE_COLUMNS), [DataProblem(root, "dataset root not found")]
     rows = []
@@ -49,6 +52,7 @@ def list_slices(root: str | Path) -> tuple[pd.DataFrame, list[DataProblem]]:
     for folder in folders:
         images: dict[int, Path] = {}
         masks: dict[int, Path] = {}
+        clashing: set[int] = set()
         for f in sorted(folder.iterdir()):
             if f.suffix.lower() not in (".tif", ".tiff"):
                 continue
@@ -58,11 +62,20 @@ def list_slices(root: str | Path) -> tuple[pd.DataFrame, list[DataProblem]]:
                     DataProblem(f, f"unexpected file name; expected {folder.name}_<n>[_mask].tif")
                 )
                 continue
-            (masks if m["mask"] else images)[int(m["n"])] = f
+            found = masks if m["mask"] else images
+            n = int(m["n"])
+            if n in found:  # _5.tif and _5.tiff, or _01 and _1: which one is meant?
+                problems.append(DataProblem(f, f"slice number {n} again: {found[n].name} has "
+                                               "it too; keep only one of the two files"))
+                clashing.add(n)
+                continue
+            found[n] = f
         if not images and not masks:
             problems.append(DataProblem(folder, "patient folder has no slices"))
             continue
         for n in sorted(set(images) | set(masks)):
+            if n in clashing:
+                continue
             if n not in masks:
                 problems.append(DataProblem(images[n], "image has no mask (expected "
                                             f"{folder.name}_{n}_mask.tif)"))
@@ -86,11 +99,21 @@ def read_clinical(root: str | Path) -> tuple[pd.DataFrame | None, list[DataProbl
     if not path.is_file():
         return None, []
     try:
-        clinical = pd.read_csv(path)
+        # Patient IDs are text; read as numbers they could not be joined to folder names.
+        clinical = pd.read_csv(path, dtype={"Patient": str})
     except Exception as exc:  # pandas raises several types for bad CSVs
         return None, [DataProblem(path, f"unreadable CSV: {exc}")]
     if "Patient" not in clinical.columns:
         return None, [DataProblem(path, "no 'Patient' column")]
+    ids = clinical["Patient"]
+    blank = [i + 2 for i, v in enumerate(ids) if not isinstance(v, str) or not v.strip()]
+    if blank:  # +2: the header is line 1
+        return None, [DataProblem(path, f"'Patient' column is blank on line(s) "
+                                        f"{', '.join(map(str, blank[:10]))}")]
+    numeric = [v for v in ids if v.strip().lstrip("+-").replace(".", "", 1).isdigit()]
+    if numeric:
+        return None, [DataProblem(path, f"'Patient' column holds numbers (e.g. {numeric[0]}); "
+                                        "expected patient IDs such as TCGA_CS_4941")]
     return clinical.drop_duplicates("Patient"), []
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from brainseg_dist.io import atomic_write_json
+from brainseg_dist.io import atomic_write_json, read_json
 
 PARTS = ("train", "val", "test")
 
@@ -103,6 +102,22 @@ def save_split(split: dict, path: str | Path) -> Path:
 
 
 def load_split(path: str | Path) -> dict:
-    split = json.loads(Path(path).read_text())
-    check_disjoint(split)
+    """Read ``split.json``.
+
+    Raises:
+        BrainsegError: missing, damaged, or parts that are not lists of patient IDs, or a
+            patient in two parts (the file is named).
+    """
+    from brainseg_dist.errors import BrainsegError
+
+    split = read_json(path, "split file")
+    if not isinstance(split, dict) or not all(
+            isinstance(split.get(part), list) and all(isinstance(p, str) for p in split[part])
+            for part in PARTS):
+        raise BrainsegError(f"{path}: damaged split file (expected train, val and test lists "
+                            "of patient IDs)")
+    try:
+        check_disjoint(split)
+    except AssertionError as exc:
+        raise BrainsegError(f"{path}: damaged split file ({exc})") from None
     return split
