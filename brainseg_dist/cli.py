@@ -247,7 +247,8 @@ def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: 
 
         validate_checkpoint(cfg, validate_only)
     else:
-        prepare_run_dir(cfg.train.output_dir, resume=resume, overwrite=overwrite)
+        prepare_run_dir(cfg.train.output_dir, resume=resume, overwrite=overwrite,
+                        config_hash=cfg.hash())
         run_training(cfg, resume=resume)
 
 

@@ -291,8 +291,8 @@ def check_device(device: str) -> torch.device:
     """
     try:
         parsed = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise BrainsegError(f"--device {device}: not a device name ({exc}); use cpu or cuda"
+    except (RuntimeError, ValueError):
+        raise BrainsegError(f"--device {device}: not a device name; use cpu, cuda or cuda:N"
                             ) from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():

@@ -27,13 +27,16 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False,
+                    config_hash: str | None = None) -> Path:
     """Check (and on ``--overwrite`` clear) a run directory before any data is loaded.
 
     Args:
         out: the run directory (``train.output_dir``).
         resume: the run is being continued (``--resume``).
         overwrite: an earlier run there may be replaced (``--overwrite``).
+        config_hash: :meth:`~brainseg_dist.config.Config.hash` of the run's config; on
+            ``--resume`` it must match ``last.pt``'s.
 
     Returns:
         The run directory, created and known to be writable.
@@ -57,7 +60,14 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
         if not (out / "last.pt").exists():
             raise BrainsegError(f"{out / 'last.pt'}: nothing to resume (no last.pt in the run "
                                 "directory)")
-        load_resumable(out / "last.pt")
+        state = load_resumable(out / "last.pt")
+        if config_hash is not None and state["config_hash"] != config_hash:
+            raise BrainsegError(f"{out / 'last.pt'}: checkpoint was trained with a different "
+                                f"config (hash {state['config_hash']} != {config_hash})")
+        if (out / "split.json").exists():
+            from brainseg_dist.data.split import load_split
+
+            load_split(out / "split.json")
     if not is_main_rank():
         return out  # rank 0 alone changes the directory
     check_writable(out, "run directory (train.output_dir)")
