@@ -540,17 +540,20 @@ def predict_out_holds_other_files(c):
 def predict_truncated_pixels_keep_earlier_out(c):
     """The earlier OUT of a successful run stays byte-identical when the next run fails on a
     slice whose header passes the pre-check but whose pixel data is cut off."""
-    folder = c.dir / c.ws.inputs.name
-    shutil.copytree(c.ws.inputs, folder)
+    root = c.dir / "root"  # two patient folders: the first is written before the second fails
+    shutil.copytree(c.ws.inputs, root / "A")
+    shutil.copytree(c.ws.inputs, root / "B")
     out = c.dir / "out"
-    first = CliRunner().invoke(main, ["predict", str(c.ws.model_ts), str(folder), str(out)])
+    first = CliRunner().invoke(main, ["predict", str(c.ws.model_ts), str(root), str(out)])
     assert first.exit_code == 0, first.output
-    bad = folder / f"{folder.name}_3.tif"
+    # A new image in A: its new overlay differs from the earlier one written to OUT.
+    write_image(root / "A" / f"{c.ws.inputs.name}_1.tif", rng_image(5))
+    bad = root / "B" / f"{c.ws.inputs.name}_3.tif"
     with open(bad, "r+b") as f:  # header and IFD stay; the strip data is cut
         f.truncate(bad.stat().st_size - 4096)
     with tifffile.TiffFile(bad) as tif:  # the header pre-check passes
         assert tif.series[0].shape == (256, 256, 3)
-    return ["predict", c.ws.model_ts, folder, out], 1, [str(bad)]
+    return ["predict", c.ws.model_ts, root, out], 1, [str(bad)]
 
 
 @case("predict")
