@@ -392,7 +392,10 @@ def _figures(results: list[PatientResult], per_patient: pd.DataFrame,
         written.append(drawn[patient])
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
-        written.append(viz.training_curves(metrics, out / "training_curves.png"))
+        try:
+            written.append(viz.training_curves(metrics, out / "training_curves.png"))
+        except BrainsegError as exc:  # the curves are a side figure: the scores still count
+            warn(f"{exc}; training_curves.png not drawn")
     return written
 
 

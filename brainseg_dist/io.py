@@ -120,6 +120,34 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise BrainsegError(f"{path}: damaged {what} ({exc})") from None
 
 
+def read_jsonl(path: str | Path, what: str = "JSON-lines file") -> list[Any]:
+    """Parse one JSON value per non-blank line (e.g. ``metrics.jsonl``).
+
+    Raises:
+        BrainsegError: the file is missing or unreadable, or a line is not valid JSON (the
+            file and line number are named).
+    """
+    from brainseg_dist.errors import BrainsegError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BrainsegError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BrainsegError(f"{path}: unreadable {what} ({exc})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise BrainsegError(f"{path}: damaged {what}: line {number} is not valid JSON "
+                                f"({exc.msg})") from None
+    return rows
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one clear error line per failure.
@@ -214,7 +242,7 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
-def remove_temporaries(folder: str | Path) -> list[Path]:
+def remove_temporaries(folder: str | Path, older_than: float = 0.0) -> list[Path]:
     """Delete the temporary files and staging folders that a killed process left behind.
 
     Only names made by :func:`atomic_write` (``.NAME.XXXX.tmp``) and by staged outputs
@@ -222,18 +250,25 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
 
     Args:
         folder: e.g. a run directory.
+        older_than: only those last modified at least this many seconds ago (for folders
+            that another live process may be writing to, such as a shared cache).
 
     Returns:
         The paths removed.
     """
     import shutil
+    import time
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
+    now = time.time()
     for p in sorted(folder.rglob(".*.tmp")):
-        if not is_temporary(p) or not p.exists():
+        try:
+            if not is_temporary(p) or now - p.lstat().st_mtime < older_than:
+                continue
+        except OSError:  # removed meanwhile
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

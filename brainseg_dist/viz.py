@@ -173,10 +173,10 @@ def training_curves(rows: list[dict] | str | Path, path: str | Path) -> Path:
         rows: the parsed rows, or the path of ``metrics.jsonl`` (one JSON object per epoch).
         path: PNG destination.
     """
-    import json
+    from brainseg_dist.io import read_jsonl
 
     if isinstance(rows, str | Path):
-        rows = [json.loads(x) for x in Path(rows).read_text().splitlines() if x.strip()]
+        rows = read_jsonl(rows, "metrics file")
     frame = pd.DataFrame(rows)
     epoch = frame["epoch"].to_numpy() + 1 if "epoch" in frame else np.arange(1, len(frame) + 1)
     fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -211,3 +211,15 @@ def test_damaged_metrics_are_rebuilt_from_last_pt_on_resume(trained_run, tmp_pat
     assert rows[0]["val_dice_tumour_slices"] is None
     assert rows[1]["val_loss"] == pytest.approx(state["history"][1]["val_loss"])
     assert result.epochs_run == 2
+
+
+def test_evaluate_with_damaged_metrics_warns_and_still_scores(trained_run, tmp_path):
+    run = run_copy(trained_run, tmp_path / "run")
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_loss": 1.0}\n{"epo')
+    proc = run_cli(["evaluate", run, "--out", tmp_path / "eval"])
+    err = unwrap(proc.stderr)
+    assert proc.returncode == 0, err
+    assert f"{run / 'metrics.jsonl'}: damaged metrics file: line 2" in err
+    assert not (tmp_path / "eval" / "training_curves.png").exists()
+    summary = strict_loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["patients"] >= 1

@@ -20,9 +20,10 @@ import pandas as pd
 
 from brainseg_dist.data.decode import SliceError, read_pair, resize_image, resize_mask
 from brainseg_dist.errors import DataProblem
-from brainseg_dist.io import atomic_write_bytes
+from brainseg_dist.io import atomic_write_bytes, remove_temporaries
 
 CACHE_VERSION = 1
+STALE_TEMPORARY_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -161,6 +162,8 @@ def load_patients(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if use_cache:
         cache = usable_cache_dir(cache_dir).parent
+        # Leftovers of killed processes; an hour old, so no live writer's file is touched.
+        remove_temporaries(cache / "decoded", older_than=STALE_TEMPORARY_S)
     groups = [g for _, g in table.groupby("folder", sort=False)]
 
     def work(rows: pd.DataFrame) -> PatientSlices:
