@@ -85,8 +85,10 @@ def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: in
     """Validate ROOT and print patients, slices, positives and tumour sizes."""
     from brainseg_dist.data import load_dataset
     from brainseg_dist.data.summary import summarize
-    from brainseg_dist.io import dumps_strict
+    from brainseg_dist.io import check_writable, dumps_strict
 
+    if figures is not None:
+        check_writable(figures, "--figures folder")  # before the slices are decoded
     data = load_dataset(root, image_size=image_size, cache_dir=cache_dir,
                         skip_invalid=skip_invalid, show_progress=not as_json)
     summary = summarize(data.table)

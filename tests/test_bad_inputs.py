@@ -194,6 +194,14 @@ def cache_option_is_a_file(c):
 
 
 @case("data")
+def summary_figures_not_writable(c):
+    blocker = c.dir / "file"
+    blocker.write_text("x")
+    return (["data", "summary", c.root(), "--figures", blocker / "figs"], 1,
+            [str(blocker / "figs"), "cannot be written"])
+
+
+@case("data")
 def summary_negative_image_size(c):
     return ["data", "summary", c.root(), "--image-size", "-5"], 2, ["--image-size", "-5"]
 

@@ -116,7 +116,7 @@ def test_kill_loop_loses_nothing(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from kill_loop import kill_loop
 
-    report = kill_loop(tmp_path, kills=3, epochs=6, seed=1)
+    report = kill_loop(tmp_path, kills=3, epochs=4, seed=1)
     assert sum(not r["finished"] for r in report["records"]) == 3
     assert report["largest_relative_metric_difference"] <= 1e-6
     assert all(r["flag"] in (None, "--resume", "--overwrite") for r in report["records"])
