@@ -500,6 +500,31 @@ def predict_foreign_torchscript(c):
             [str(foreign), "not a brainseg segmentation model"])
 
 
+def rewritten_model(c, name: str, metadata: str | None, format_version: int = 1) -> Path:
+    """The trained model.ts saved again with other metadata or format version."""
+    with quiet_jit_deprecation():
+        module = torch.jit.load(str(c.ws.model_ts))
+        module.format_version = format_version
+        path = c.dir / name
+        files = {} if metadata is None else {"metadata.json": metadata}
+        torch.jit.save(module, str(path), _extra_files=files)
+    return path
+
+
+@case("predict")
+def predict_model_from_a_newer_version(c):
+    model = rewritten_model(c, "newer.ts", None, format_version=99)
+    return (["predict", model, c.ws.inputs, c.dir / "out"], 1,
+            [str(model), "format version 99 is newer"])
+
+
+@case("predict")
+def predict_model_with_damaged_metadata(c):
+    model = rewritten_model(c, "damaged.ts", '{"threshold": ')
+    return (["predict", model, c.ws.inputs, c.dir / "out"], 1,
+            [str(model), "damaged metadata.json"])
+
+
 @case("predict")
 def predict_model_missing(c):
     return (["predict", c.dir / "model.ts", c.ws.inputs, c.dir / "out"], 1,
