@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,6 @@ def prepare_data_dir(cfg: Config, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process and not _marker_matches(done, key):
         done.unlink(missing_ok=True)
         if root.exists():
-            import shutil
-
             shutil.rmtree(root)
         remove_temporaries(root.parent)
         write_synthetic_dataset(root, patients=cfg.data.synthetic_patients, seed=cfg.train.seed)
