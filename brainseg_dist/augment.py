@@ -74,6 +74,9 @@ def volume_statistics(images, patient_codes) -> torch.Tensor:
 class DeviceAugment(nn.Module):
     """Random rotation, flips, elastic deformation and optional intensity jitter on a batch.
 
+    :meth:`intensity` (gamma) runs on raw images before normalization; :meth:`forward`
+    (geometry, then the optional gain/bias jitter) on normalized ones.
+
     Args:
         cfg: probabilities and strengths; ``cfg.enabled=False`` makes this the identity.
     """
@@ -94,6 +97,18 @@ class DeviceAugment(nn.Module):
                 kernel_size=(k, k), sigma=(cfg.elastic_sigma, cfg.elastic_sigma),
                 alpha=(cfg.elastic_alpha, cfg.elastic_alpha), p=cfg.elastic_p))
         self.geometric = nn.Sequential(*ops)
+        self.gamma = None
+        if cfg.gamma_p > 0 and cfg.gamma_range > 0:
+            r = cfg.gamma_range
+            self.gamma = K.RandomGamma(gamma=(1 / (1 + r), 1 + r), p=cfg.gamma_p)
+
+    @torch.no_grad()
+    def intensity(self, images: torch.Tensor) -> torch.Tensor:
+        """Random gamma on raw images (uint8 or float on the 0..255 scale), before
+        normalization; returns the input unchanged when off or in eval mode."""
+        if self.gamma is None or not self.cfg.enabled or not self.training:
+            return images
+        return self.gamma(images.float() / 255.0) * 255.0
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor,

@@ -51,6 +51,10 @@ class AugmentConfig:
     elastic_sigma: float = 16.0
     intensity_p: float = 0.0  # brightness/contrast jitter on the image channels
     intensity_strength: float = 0.1
+    # Per-channel gamma before normalization: the only intensity change a per-slice z-score
+    # does not undo (it removes any brightness/contrast change).
+    gamma_p: float = 0.0
+    gamma_range: float = 0.3  # gamma uniform in [1/(1+r), 1+r], one per slice
 
 
 @dataclass
@@ -69,6 +73,9 @@ class OptimConfig:
     warmup_epochs: int = 1
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    # "sample": soft Dice per slice (smoothing 1), which charges an empty slice for any
+    # probability mass; "batch": one soft Dice over the whole batch (nnU-Net's batch Dice).
+    dice: str = "sample"
     grad_clip: float = 0.0  # 0: off
 
 
@@ -83,6 +90,10 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/latest"
     patience: int = 0  # early stopping on val per-patient Dice; 0: off
+    # Exponential moving average of the weights (per step, with a warm-up); 0: off. When on,
+    # validation, best.pt/last.pt "model" and export use the averaged weights.
+    ema_decay: float = 0.0
+    select: str = "best"  # best: epoch with the best val per-patient Dice | last: final epoch
     stop_after_epoch: int = 0  # end this invocation after this epoch (then --resume); 0: off
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
@@ -116,6 +127,8 @@ _CHOICES = {
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
     ("train", "normalization"): ("slice", "volume"),
     ("optim", "schedule"): ("cosine", "constant"),
+    ("optim", "dice"): ("sample", "batch"),
+    ("train", "select"): ("best", "last"),
 }
 
 
@@ -252,6 +265,8 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
         (config.train.grad_accumulation >= 1, "train.grad_accumulation must be >= 1"),
         (0 < config.train.threshold < 1, "train.threshold must be in (0, 1)"),
         (config.train.patience >= 0, "train.patience must be >= 0"),
+        (0 <= config.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (config.augment.gamma_range >= 0, "augment.gamma_range must be >= 0"),
         (0 <= config.augment.rotation_degrees <= 180, "augment.rotation_degrees in [0, 180]"),
         (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
@@ -266,7 +281,7 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
          "augment.elastic_alpha >= 0 and augment.elastic_sigma > 0"),
         (config.augment.intensity_strength >= 0, "augment.intensity_strength must be >= 0"),
     ]
-    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p"):
+    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p", "gamma_p"):
         checks.append((0 <= getattr(config.augment, name) <= 1, f"augment.{name} in [0, 1]"))
     for ok, message in checks:
         if not ok:

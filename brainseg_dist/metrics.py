@@ -15,29 +15,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainseg_dist.postprocess import keep_components, label_components
+
 SOFT_DICE_SMOOTH = 1.0
 
 
 def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, bce_weight: float = 1.0,
-                  dice_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """BCE-with-logits plus soft Dice, computed per sample.
+                  dice_weight: float = 1.0, reduction: str = "mean",
+                  dice: str = "sample") -> torch.Tensor:
+    """BCE-with-logits plus soft Dice.
 
-    Per-sample (not per-batch) terms make the loss of a slice independent of which batch or
-    process it lands in, so 1- and N-process validation losses agree.
+    ``dice="sample"`` computes the soft Dice of every slice, so the loss of a slice does not
+    depend on which batch or process it lands in (1- and N-process validation losses agree);
+    but an empty slice then costs ``1 - 1/(Σp + 1)``: a slice whose probabilities sum to one
+    pixel pays 0.5, as much as missing half a tumour. ``dice="batch"`` pools intersection
+    and sums over the whole batch (nnU-Net's batch Dice): empty slices only add their false
+    positive mass to the denominator.
 
     Args:
         logits: ``N×1×H×W`` raw outputs (computed in float32 here even under AMP).
         targets: ``N×1×H×W`` 0/1.
         bce_weight: weight of the BCE term.
         dice_weight: weight of the ``1 - soft Dice`` term.
-        reduction: ``"mean"`` or ``"none"`` (returns ``N`` losses).
+        reduction: ``"mean"`` or ``"none"`` (``N`` losses; ``dice="sample"`` only).
+        dice: ``"sample"`` or ``"batch"``.
     """
+    if dice not in ("sample", "batch"):
+        raise ValueError(f"unknown Dice kind {dice!r}")
+    if dice == "batch" and reduction != "mean":
+        raise ValueError("batch Dice is one value per batch: use reduction='mean'")
     logits = logits.float()
     targets = targets.float()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2, 3))
     probs = torch.sigmoid(logits)
-    inter = (probs * targets).sum(dim=(1, 2, 3))
-    denom = probs.sum(dim=(1, 2, 3)) + targets.sum(dim=(1, 2, 3))
+    dims = (0, 1, 2, 3) if dice == "batch" else (1, 2, 3)
+    inter = (probs * targets).sum(dim=dims)
+    denom = probs.sum(dim=dims) + targets.sum(dim=dims)
     soft_dice = (2 * inter + SOFT_DICE_SMOOTH) / (denom + SOFT_DICE_SMOOTH)
     loss = bce_weight * bce + dice_weight * (1 - soft_dice)
     return loss.mean() if reduction == "mean" else loss
@@ -238,64 +251,26 @@ def patient_dice_summary(dice: dict[str, float] | np.ndarray) -> dict[str, float
     }
 
 
+def _volume(volume) -> torch.Tensor:
+    """A ``D×H×W`` bool CPU tensor from an array or tensor."""
+    v = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor)
+                        else volume).bool().cpu()
+    if v.ndim != 3:
+        raise ValueError(f"expected a D×H×W volume, got shape {tuple(v.shape)}")
+    return v
+
+
 def connected_components_3d(volume) -> torch.Tensor:
     """Label the 26-connected components of a 3D binary volume (no scipy).
-
-    Union-find over the foreground voxels only, vectorized in torch: voxel pairs that touch
-    (13 of the 26 neighbour offsets, the other 13 being the same pairs reversed) are found by
-    binary search in the sorted flat indices; then rounds of "hook the larger root under the
-    smaller" (a scatter-min) and pointer jumping until every pair shares a root. The cost
-    scales with the number of foreground voxels, not the volume, so a noisy 88×256×256
-    prediction takes well under a second.
 
     Args:
         volume: ``D×H×W`` bool/0-1 array or tensor.
 
     Returns:
         ``D×H×W`` int64 labels: 0 for background, otherwise a positive id shared by exactly
-        the voxels of one component.
+        the voxels of one component (:func:`brainseg_dist.postprocess.label_components`).
     """
-    v = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor)
-                        else volume).bool().cpu()
-    if v.ndim != 3:
-        raise ValueError(f"expected a D×H×W volume, got shape {tuple(v.shape)}")
-    labels = torch.zeros(v.shape, dtype=torch.int64)
-    coords = torch.nonzero(v)  # row-major order, so the flat indices below are sorted
-    m = len(coords)
-    if m == 0:
-        return labels
-    # Flat indices in a volume padded by one voxel on each side: a neighbour offset can then
-    # never wrap around to the next row or slice.
-    h, w = v.shape[1] + 2, v.shape[2] + 2
-    flat = ((coords[:, 0] + 1) * h + coords[:, 1] + 1) * w + coords[:, 2] + 1
-    src, dst = [], []
-    for dz in (0, 1):
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if (dz, dy, dx) <= (0, 0, 0):  # keep one direction of each pair
-                    continue
-                target = flat + (dz * h + dy) * w + dx
-                j = torch.searchsorted(flat, target).clamp_max(m - 1)
-                hit = flat[j] == target
-                src.append(torch.nonzero(hit).squeeze(1))
-                dst.append(j[hit])
-    src_t, dst_t = torch.cat(src), torch.cat(dst)
-    parent = torch.arange(m)
-    while True:
-        while True:  # pointer jumping until every voxel points at its root
-            grand = parent[parent]
-            if torch.equal(grand, parent):
-                break
-            parent = grand
-        ri, rj = parent[src_t], parent[dst_t]
-        differ = ri != rj
-        if not bool(differ.any()):
-            break
-        # Parents only ever decrease, so hooking cannot create a cycle.
-        parent = parent.scatter_reduce(0, torch.maximum(ri, rj)[differ],
-                                       torch.minimum(ri, rj)[differ], reduce="amin")
-    labels[coords[:, 0], coords[:, 1], coords[:, 2]] = parent + 1
-    return labels
+    return label_components(_volume(volume))
 
 
 def largest_component_3d(volume) -> torch.Tensor:
@@ -308,10 +283,4 @@ def largest_component_3d(volume) -> torch.Tensor:
         ``D×H×W`` bool tensor; empty input gives empty output. Ties keep the component with
         the largest label (deterministic).
     """
-    labels = connected_components_3d(volume)
-    fg = labels[labels > 0]
-    if fg.numel() == 0:
-        return labels > 0
-    ids, sizes = torch.unique(fg, return_counts=True)
-    best = ids[sizes == sizes.max()].max()
-    return labels == best
+    return keep_components(_volume(volume), largest=True, min_voxels=0)

@@ -30,6 +30,7 @@ from brainseg_dist.data import SliceData, load_dataset
 from brainseg_dist.data.loader import SliceDataset, collate_batch
 from brainseg_dist.data.split import load_split, make_split, patient_burden, save_split
 from brainseg_dist.data.synth import run_data_root, write_synthetic_dataset
+from brainseg_dist.ema import WeightEMA
 from brainseg_dist.errors import BrainsegError, NonFiniteLossError
 from brainseg_dist.io import (
     atomic_torch_save,
@@ -124,11 +125,23 @@ def _marker_matches(marker: Path, key: str) -> bool:
         return False
 
 
-def split_for_run(cfg: Config, data: SliceData, out: Path, resume: bool) -> dict:
-    """Load the run's ``split.json`` when resuming, else make (and save) a new one."""
+def split_for_run(cfg: Config, data: SliceData, out: Path, resume: bool,
+                  given: dict | None = None) -> dict:
+    """The run's split: ``given`` (e.g. a cross-validation fold), the saved ``split.json``
+    when resuming, else a new one from the config.
+
+    Raises:
+        BrainsegError: resuming with a ``given`` split that differs from the saved one.
+    """
     path = out / "split.json"
-    if resume and path.exists():
-        return load_split(path)
+    saved = load_split(path) if resume and path.exists() else None
+    if given is not None:
+        if saved is not None and any(saved.get(k) != given.get(k) for k in
+                                     ("train", "val", "test")):
+            raise BrainsegError(f"{path}: the run was trained on a different patient split")
+        return given
+    if saved is not None:
+        return saved
     return make_split(patient_burden(data.table), cfg.data.val_fraction, cfg.data.test_fraction,
                       cfg.train.seed, cfg.data.folds, cfg.data.fold)
 
@@ -170,7 +183,7 @@ def _overlay_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
 class Trainer:
     """State of one training run; :meth:`fit` runs it. Build through :func:`run_training`."""
 
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, split: dict | None = None):
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.resume = resume
@@ -193,7 +206,7 @@ class Trainer:
         with self.accelerator.main_process_first():  # rank 0 fills the decode cache
             data = load_dataset(root, cfg.data.image_size, cfg.data.cache_dir,
                                 cfg.data.skip_invalid, show_progress=self.is_main)
-        self.split = split_for_run(cfg, data, self.out, resume)
+        self.split = split_for_run(cfg, data, self.out, resume, split)
         self.train_data = data.subset(self.split["train"])
         self.val_data = data.subset(self.split["val"])
         if len(self.train_data) == 0 or len(self.val_data) == 0:
@@ -223,6 +236,8 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, optimizer, train_loader, val_loader)
         self.augment = DeviceAugment(cfg.augment).to(device)
+        self.ema = (WeightEMA(self.accelerator.unwrap_model(self.model), cfg.train.ema_decay)
+                    if cfg.train.ema_decay > 0 else None)
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
         self.start_epoch = 0
@@ -231,6 +246,12 @@ class Trainer:
         self.stale_epochs = 0
         self.history: list[dict[str, Any]] = []
         self.writer = None
+
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that validation, ``best.pt`` and export use: the EMA when it is on."""
+        if self.ema is not None:
+            return self.ema.model
+        return self.accelerator.unwrap_model(self.model)
 
     def _volume_stats(self, data: SliceData) -> torch.Tensor | None:
         """Per-slice patient statistics for ``volume`` normalization (None otherwise)."""
@@ -243,7 +264,9 @@ class Trainer:
     def _checkpoint(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         acc = self.accelerator
         return {
-            "model": acc.unwrap_model(self.model).state_dict(),
+            "model": self.eval_model().state_dict(),
+            **({"live_model": acc.unwrap_model(self.model).state_dict(),
+                "ema_updates": torch.tensor(self.ema.updates)} if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "epoch": epoch,
@@ -270,7 +293,12 @@ class Trainer:
         if state["config_hash"] != self.cfg.hash():
             raise BrainsegError(f"{path}: checkpoint was trained with a different config "
                                 f"(hash {state['config_hash']} != {self.cfg.hash()})")
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        live = self.accelerator.unwrap_model(self.model)
+        if self.ema is not None:
+            live.load_state_dict(state["live_model"])
+            self.ema.load_state_dict({"model": state["model"], "updates": state["ema_updates"]})
+        else:
+            live.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -308,18 +336,21 @@ class Trainer:
         total, count, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
         for step, (images, masks, idx) in enumerate(self.train_loader):
             with acc.accumulate(self.model):
-                x = self._inputs(images, idx, self.train_stats)
+                x = self._inputs(self.augment.intensity(images), idx, self.train_stats)
                 x, y = self.augment(x, masks.float())
                 x = x.contiguous(memory_format=self.memory_format)  # warps return NCHW
                 with acc.autocast():
                     logits = self.model(x)
-                loss = bce_dice_loss(logits, y, cfg.optim.bce_weight, cfg.optim.dice_weight)
+                loss = bce_dice_loss(logits, y, cfg.optim.bce_weight, cfg.optim.dice_weight,
+                                     dice=cfg.optim.dice)
                 self._check_finite(loss, epoch, step)
                 acc.backward(loss)
                 if cfg.optim.grad_clip > 0 and acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None and acc.sync_gradients:
+                    self.ema.update(acc.unwrap_model(self.model))
             total += loss.detach() * len(images)
             count += len(images)
             if bar is not None:
@@ -345,11 +376,13 @@ class Trainer:
         """Validation loss and Dice over every validation slice, identical for any rank count."""
         acc, cfg = self.accelerator, self.cfg
         self.model.eval()
+        model = self.eval_model()
         losses, counts, indices = [], [], []
         for images, masks, idx in self.val_loader:
             x = self._inputs(images, idx, self.val_stats)
             with acc.autocast():
-                logits = self.model(x)
+                logits = model(x)
+            # Per-slice loss whatever the training Dice, so any rank count reports the same.
             loss = bce_dice_loss(logits, masks, cfg.optim.bce_weight, cfg.optim.dice_weight,
                                  reduction="none")
             pred = torch.sigmoid(logits.float()) > cfg.train.threshold
@@ -374,7 +407,7 @@ class Trainer:
         pick = torch.as_tensor(np.sort(order[:n]))
         images = torch.from_numpy(self.val_data.images)[pick]
         masks = torch.from_numpy(self.val_data.masks)[pick]
-        model = self.accelerator.unwrap_model(self.model).eval()
+        model = self.eval_model().eval()
         x = self._inputs(images.to(self.accelerator.device), pick.to(self.accelerator.device),
                          self.val_stats)
         with self.accelerator.autocast():
@@ -422,7 +455,10 @@ class Trainer:
                        "epoch_seconds": time.perf_counter() - t0,
                        "elapsed_seconds": time.perf_counter() - t_start,
                        "train_images_per_second": ips, "time": time.time()}
-                improved = val["val_dice_patient_mean"] > self.best
+                # "last" keeps the final (averaged) weights: with a handful of validation
+                # patients, picking the best epoch mostly picks noise.
+                improved = (cfg.train.select == "last"
+                            or val["val_dice_patient_mean"] > self.best)
                 if improved:
                     self.best, self.best_epoch, self.stale_epochs = (
                         val["val_dice_patient_mean"], epoch, 0)
@@ -494,7 +530,7 @@ def validate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
         raise BrainsegError(f"{checkpoint}: not a brainseg checkpoint (no model weights)")
     trainer = Trainer(cfg, resume=True)
     try:
-        trainer.accelerator.unwrap_model(trainer.model).load_state_dict(state["model"])
+        trainer.eval_model().load_state_dict(state["model"])
     except RuntimeError as exc:
         raise BrainsegError(f"{checkpoint}: weights do not fit the configured model "
                             f"({str(exc).splitlines()[0]})") from None
@@ -506,12 +542,14 @@ def validate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
     return metrics
 
 
-def run_training(cfg: Config, resume: bool = False) -> TrainResult:
+def run_training(cfg: Config, resume: bool = False, split: dict | None = None) -> TrainResult:
     """Train a U-Net as configured and write the run directory.
 
     Args:
         cfg: the resolved config (``train.output_dir`` is the run directory).
         resume: continue from ``last.pt`` with model, optimizer, scaler, epoch and RNG state.
+        split: patients for train/val/test (e.g. one cross-validation fold); default: the
+            saved ``split.json`` on resume, else a new split from ``cfg.data``.
 
     Returns:
         Best epoch and score, and the per-epoch history.
@@ -520,7 +558,7 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         NonFiniteLossError: the loss became NaN/inf; ``last.pt`` holds the previous epoch.
         DatasetError, ConfigError, BrainsegError: bad inputs, named in the message.
     """
-    return Trainer(cfg, resume).fit()
+    return Trainer(cfg, resume, split).fit()
 
 
 def main() -> None:

@@ -76,3 +76,26 @@ def test_volume_normalization_uses_patient_statistics():
     first = x[:3].transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(first.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(first.std(1), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_gamma_runs_before_normalization_only_in_training():
+    from brainseg_dist.augment import DeviceAugment
+    from brainseg_dist.config import AugmentConfig
+
+    torch.manual_seed(0)
+    images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    off = DeviceAugment(AugmentConfig(gamma_p=0.0))
+    assert off.intensity(images) is images
+    aug = DeviceAugment(AugmentConfig(gamma_p=1.0, gamma_range=0.5))
+    out = aug.intensity(images)
+    assert out.dtype == torch.float32
+    assert out.shape == images.shape
+    x = images.float() / 255
+    y = out / 255
+    # One gamma per slice: log(y) / log(x) is constant within a slice, in [1/1.5, 1.5].
+    ratio = (y.log() / x.log()).flatten(1)
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=1e-3)
+    assert ratio.min() >= 1 / 1.5 - 1e-3
+    assert ratio.max() <= 1.5 + 1e-3
+    assert ratio[:, 0].std() > 0.05  # gammas differ between slices
+    assert aug.eval().intensity(images) is images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -176,3 +177,32 @@ def test_save_and_load_refuse_overlap(tmp_path):
     # A leaky file on disk is a damaged input (named), not an internal error.
     with pytest.raises(BrainsegError, match=r"leaky\.json: damaged split file .*patient a"):
         load_split(tmp_path / "leaky.json")
+
+
+def test_cv_splits_test_every_patient_once_and_never_train_on_it():
+    from brainseg_dist.data.split import make_cv_splits
+
+    burden = pd.Series(np.arange(23) * 100, index=[f"P{i:02d}" for i in range(23)])
+    splits = make_cv_splits(burden, folds=5, val_fraction=0.2, seed=3)
+    tested = [p for s in splits for p in s["test"]]
+    assert sorted(tested) == sorted(burden.index)  # each patient exactly once
+    for s in splits:
+        check_disjoint(s)
+        assert set(s["train"]) | set(s["val"]) | set(s["test"]) == set(burden.index)
+        assert 4 <= len(s["test"]) <= 5
+        assert len(s["val"]) == round(0.2 * (23 - len(s["test"])))
+        # Burden-stratified: patients are dealt out in blocks of 5 by burden, so a fold
+        # tests one patient of each full block.
+        blocks = sorted(int(p[1:]) // 5 for p in s["test"])
+        assert blocks[:4] == [0, 1, 2, 3]
+    again = make_cv_splits(burden, folds=5, val_fraction=0.2, seed=3)
+    assert again == splits
+    assert make_cv_splits(burden, folds=5, val_fraction=0.2, seed=4) != splits
+
+
+def test_cv_splits_reject_more_folds_than_patients():
+    from brainseg_dist.data.split import make_cv_splits
+
+    burden = pd.Series([1, 2, 3], index=["a", "b", "c"])
+    with pytest.raises(ValueError, match="4 folds"):
+        make_cv_splits(burden, folds=4)

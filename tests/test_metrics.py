@@ -200,3 +200,22 @@ def test_connected_components_match_bfs_on_random_volumes():
             ours.setdefault(labels[p], set()).add(tuple(int(i) for i in p))
         reference = bfs_components(v)
         assert sorted(map(sorted, ours.values())) == sorted(map(sorted, reference))
+
+
+def test_batch_dice_does_not_charge_empty_slices_for_a_pixel_of_mass():
+    """Per-sample Dice makes an empty slice with one pixel's worth of probability cost 0.5,
+    as much as missing half a tumour; batch Dice pools it with the batch's tumour."""
+    from brainseg_dist.metrics import bce_dice_loss
+
+    targets = torch.zeros(2, 1, 16, 16)
+    targets[0, 0, 4:12, 4:12] = 1  # one tumour slice, one empty slice
+    logits = torch.where(targets > 0, 12.0, -12.0)
+    logits[1, 0, 0, 0] = 12.0  # one confident false-positive pixel on the empty slice
+    sample = bce_dice_loss(logits, targets, bce_weight=0, dice="sample")
+    batch = bce_dice_loss(logits, targets, bce_weight=0, dice="batch")
+    assert sample == pytest.approx(0.25, abs=1e-3)  # (0 + 0.5) / 2
+    assert batch == pytest.approx(1 / 129, abs=1e-3)  # 1 FP pixel against 64 tumour pixels
+    with pytest.raises(ValueError, match="batch"):
+        bce_dice_loss(logits, targets, dice="batch", reduction="none")
+    with pytest.raises(ValueError, match="Dice kind"):
+        bce_dice_loss(logits, targets, dice="volume")

@@ -86,6 +86,55 @@ def make_split(
     return split
 
 
+def make_cv_splits(burden: pd.Series, folds: int = 5, val_fraction: float = 0.2,
+                   seed: int = 0) -> list[dict]:
+    """Patient-level K-fold cross-validation: every patient is tested exactly once.
+
+    Patients are ranked by tumour burden (ties broken by ``seed``) and dealt out in blocks of
+    ``folds``, each block in a random order, so every fold spans the range of burden. Fold
+    ``k`` tests its own patients; the other patients are split again into training and an
+    inner validation part (``val_fraction`` of them, at least one, burden-stratified) that
+    model selection and post-processing choices may use. The test patients are never seen
+    by training or by any choice.
+
+    Args:
+        burden: tumour pixels per patient (index: patient id).
+        folds: number of folds K (2 <= K <= number of patients).
+        val_fraction: share of each fold's non-test patients held out for validation.
+        seed: makes the assignment reproducible.
+
+    Returns:
+        ``K`` split dicts with ``train``, ``val``, ``test`` and ``fold``/``folds``/``seed``.
+    """
+    patients = list(burden.index)
+    n = len(patients)
+    if not 2 <= folds <= n:
+        raise ValueError(f"{folds} folds need at least {folds} patients, got {n}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"bad inner validation fraction {val_fraction}")
+    rng = np.random.default_rng(seed)
+    jitter = rng.permutation(n)
+    order = [patients[i] for i in np.lexsort((jitter, burden.to_numpy()))]
+    assignment: dict[str, int] = {}
+    for start in range(0, n, folds):
+        block = order[start:start + folds]
+        for p, f in zip(block, rng.permutation(folds)[: len(block)], strict=False):
+            assignment[p] = int(f)
+    splits = []
+    for fold in range(folds):
+        test = [p for p in order if assignment[p] == fold]
+        rest = [p for p in order if assignment[p] != fold]
+        n_val = min(len(rest) - 1, max(1, round(val_fraction * len(rest))))
+        val = _stratified_pick(rest, n_val, rng)
+        train = [p for p in rest if p not in set(val)]
+        split = {"train": sorted(train), "val": sorted(val), "test": sorted(test),
+                 "seed": seed, "folds": folds, "fold": fold, "kind": "cross-validation",
+                 "val_fraction": val_fraction, "stratified_by": "tumour_pixels"}
+        check_disjoint(split)
+        splits.append(split)
+    return splits
+
+
 def check_disjoint(split: dict) -> None:
     """Raise if any patient appears in two parts (slice-level leakage inflates Dice)."""
     seen: dict[str, str] = {}

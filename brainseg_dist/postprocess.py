@@ -1,0 +1,265 @@
+"""3D post-processing of a patient's predicted tumour probabilities, chosen on validation data.
+
+One setting (:class:`PostProcessing`) says whether the probabilities average the slice and its
+horizontal flip (TTA), the threshold, which 3D connected components to keep (all, the largest,
+or those of at least ``min_voxels``), and whether holes inside each slice's mask are filled.
+:func:`choose` picks the setting that maximizes the mean per-patient Dice on validation
+patients, as nnU-Net does; the setting is saved with the model and applied by
+``evaluate``/``predict`` and inside an exported fold ensemble.
+
+The component labelling here is written for TorchScript (no postponed annotations in this
+module), so the exported ensemble runs the very same code.
+"""
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def label_components(mask: torch.Tensor, in_plane: bool = False,
+                     full: bool = True) -> torch.Tensor:
+    """Connected components of a ``D×H×W`` binary volume, by union-find (no scipy).
+
+    Voxel pairs that touch are found through an index volume of the foreground; then rounds
+    of "hook the larger root under the smaller" (a scatter-min) and pointer jumping until
+    every touching pair shares a root. The cost scales with the number
+    of foreground voxels, not the volume.
+
+    Args:
+        mask: ``D×H×W`` bool (or 0/1) tensor.
+        in_plane: connect voxels within each slice only (2D components per slice).
+        full: 26- (3D) or 8-connectivity (in plane); ``False``: 6- or 4-connectivity
+            (faces only).
+
+    Returns:
+        ``D×H×W`` int64 labels: 0 for background, otherwise a positive id shared by exactly
+        the voxels of one component.
+    """
+    v = mask.to(torch.bool)
+    labels = torch.zeros(v.shape, dtype=torch.long, device=v.device)
+    coords = torch.nonzero(v)
+    m = coords.shape[0]
+    if m == 0:
+        return labels
+    # Flat indices in a volume padded by one voxel on each side: a neighbour offset can then
+    # never wrap around to the next row or slice.
+    h = v.shape[1] + 2
+    w = v.shape[2] + 2
+    flat = ((coords[:, 0] + 1) * h + coords[:, 1] + 1) * w + coords[:, 2] + 1
+    # Index of each foreground voxel in a padded volume (-1: background): one gather finds
+    # a neighbour, where a binary search would cost log(m) steps.
+    index = torch.full(((v.shape[0] + 2) * h * w,), -1, dtype=torch.long, device=v.device)
+    index[flat] = torch.arange(m, device=v.device)
+    sources: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    dz_max = 0 if in_plane else 1
+    for dz in range(dz_max + 1):
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                if dz == 0 and (dy < 0 or (dy == 0 and dx <= 0)):
+                    continue  # keep one direction of each pair
+                if not full and abs(dz) + abs(dy) + abs(dx) > 1:
+                    continue
+                j = index[flat + (dz * h + dy) * w + dx]
+                hit = j >= 0
+                sources.append(torch.nonzero(hit).squeeze(1))
+                targets.append(j[hit])
+    src = torch.cat(sources)
+    dst = torch.cat(targets)
+    parent = torch.arange(m, device=v.device)
+    while True:
+        while True:  # pointer jumping until every voxel points at its root
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+        ri = parent[src]
+        rj = parent[dst]
+        differ = ri != rj
+        if not bool(differ.any()):
+            break
+        # Parents only ever decrease, so hooking cannot create a cycle.
+        parent = parent.scatter_reduce(0, torch.maximum(ri, rj)[differ],
+                                       torch.minimum(ri, rj)[differ], reduce="amin")
+    labels[coords[:, 0], coords[:, 1], coords[:, 2]] = parent + 1
+    return labels
+
+
+def select_components(labels: torch.Tensor, largest: bool, min_voxels: int) -> torch.Tensor:
+    """The mask of the labelled components to keep: the largest one (ties: the one with the
+    largest label), or those of at least ``min_voxels`` voxels, or all."""
+    if not largest and min_voxels <= 0:
+        return labels > 0
+    fg = labels[labels > 0]
+    if fg.numel() == 0:
+        return labels > 0
+    ids, sizes = torch.unique(fg, return_counts=True)
+    if largest:
+        return labels == ids[sizes == sizes.max()].max()
+    keep = torch.zeros(int(labels.max()) + 1, dtype=torch.bool, device=labels.device)
+    keep[ids[sizes >= min_voxels]] = True
+    return keep[labels]
+
+
+def keep_components(mask: torch.Tensor, largest: bool, min_voxels: int) -> torch.Tensor:
+    """The 26-connected 3D components of ``mask`` chosen by :func:`select_components`."""
+    mask = mask.to(torch.bool)
+    if not largest and min_voxels <= 0:
+        return mask
+    return select_components(label_components(mask), largest, min_voxels)
+
+
+def fill_holes_2d(mask: torch.Tensor) -> torch.Tensor:
+    """Fill the holes of every slice's mask: background regions (4-connected) that do not
+    touch the slice border. Slices without foreground are left as they are.
+
+    Only the box around the foreground (plus a one-pixel margin, which is outside by
+    construction) is labelled: a hole lies inside it, and the box is usually a small part of
+    the slice.
+    """
+    mask = mask.to(torch.bool)
+    occupied = mask.flatten(1).any(1)
+    if not bool(occupied.any()):
+        return mask
+    idx = torch.nonzero(occupied).squeeze(1)
+    rows = torch.nonzero(mask.any(2).any(0)).squeeze(1)
+    cols = torch.nonzero(mask.any(1).any(0)).squeeze(1)
+    y0 = int(rows.min())
+    y1 = int(rows.max()) + 1
+    x0 = int(cols.min())
+    x1 = int(cols.max()) + 1
+    crop = mask[idx, y0:y1, x0:x1].to(torch.uint8)
+    box = torch.nn.functional.pad(crop, [1, 1, 1, 1]).to(torch.bool)
+    labels = label_components(~box, in_plane=True, full=False)
+    outside = torch.zeros(int(labels.max()) + 1, dtype=torch.bool, device=mask.device)
+    outside[labels[:, 0, 0]] = True  # the margin is one background region per slice
+    outside[0] = True  # label 0 is the foreground itself
+    filled = (box | ~outside[labels])[:, 1:-1, 1:-1]
+    out = mask.clone()
+    out[idx, y0:y1, x0:x1] = filled
+    return out
+
+
+def apply_masks(probs: torch.Tensor, threshold: float, largest: bool, min_voxels: int,
+                fill_holes: bool) -> torch.Tensor:
+    """Threshold a patient's ``D×H×W`` probabilities, then keep components and fill holes."""
+    mask = keep_components(probs > threshold, largest, min_voxels)
+    if fill_holes:
+        mask = fill_holes_2d(mask)
+    return mask
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """One post-processing setting.
+
+    Attributes:
+        tta: average the probabilities of the slice and of its horizontal flip.
+        threshold: probability threshold.
+        components: ``"all"``, ``"largest"`` (3D) or ``"min_size"`` (3D, ``min_voxels``).
+        min_voxels: smallest 3D component kept with ``components="min_size"``.
+        fill_holes: fill holes inside each slice's mask.
+    """
+
+    tta: bool = False
+    threshold: float = 0.5
+    components: str = "all"
+    min_voxels: int = 0
+    fill_holes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.components not in ("all", "largest", "min_size"):
+            raise ValueError(f"unknown components setting {self.components!r}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    def probabilities(self, p_identity: torch.Tensor, p_flipped: torch.Tensor) -> torch.Tensor:
+        return (p_identity + p_flipped) / 2 if self.tta else p_identity
+
+    def masks(self, p_identity: torch.Tensor, p_flipped: torch.Tensor) -> torch.Tensor:
+        """The patient's ``D×H×W`` bool masks from the plain and flipped probabilities."""
+        return apply_masks(self.probabilities(p_identity, p_flipped), self.threshold,
+                           self.components == "largest",
+                           self.min_voxels if self.components == "min_size" else 0,
+                           self.fill_holes)
+
+    def describe(self) -> str:
+        parts = [f"threshold {self.threshold:g}"]
+        if self.tta:
+            parts.insert(0, "flip TTA")
+        if self.components == "largest":
+            parts.append("largest 3D component")
+        elif self.components == "min_size":
+            parts.append(f"3D components >= {self.min_voxels} voxels")
+        if self.fill_holes:
+            parts.append("2D hole filling")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PostProcessing":
+        return cls(**{k: d[k] for k in ("tta", "threshold", "components", "min_voxels",
+                                        "fill_holes") if k in d})
+
+
+PLAIN = PostProcessing()
+THRESHOLDS = (0.5, 0.4, 0.6)
+COMPONENTS = (("all", 0), ("largest", 0), ("min_size", 250), ("min_size", 1000))
+
+
+def candidates() -> list[PostProcessing]:
+    """The settings :func:`choose` compares, simplest first (ties keep the simpler)."""
+    return [PostProcessing(tta, t, comp, size, fill)
+            for fill, (comp, size), tta, t in itertools.product(
+                (False, True), COMPONENTS, (False, True), THRESHOLDS)]
+
+
+def patient_dice(mask: torch.Tensor, truth: torch.Tensor) -> float:
+    """3D Dice of one patient; 1.0 when both are empty."""
+    inter = float((mask & truth).sum())
+    denom = float(mask.sum() + truth.sum())
+    return 2 * inter / denom if denom > 0 else 1.0
+
+
+def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     settings: list[PostProcessing]) -> np.ndarray:
+    """Per-patient 3D Dice of every setting: ``len(settings) × len(patients)``.
+
+    Each thresholded volume is labelled once and shared by the component choices on it.
+
+    Args:
+        patients: ``(p_identity, p_flipped, truth)`` per patient, each ``D×H×W``.
+        settings: the settings to score.
+    """
+    out = np.zeros((len(settings), len(patients)))
+    for j, (p_id, p_flip, truth) in enumerate(patients):
+        truth = truth.to(torch.bool)
+        labelled: dict[tuple[bool, float], torch.Tensor] = {}
+        for i, s in enumerate(settings):
+            key = (s.tta, s.threshold)
+            if key not in labelled:
+                labelled[key] = label_components(s.probabilities(p_id, p_flip) > s.threshold)
+            mask = select_components(labelled[key], s.components == "largest",
+                                     s.min_voxels if s.components == "min_size" else 0)
+            if s.fill_holes:
+                mask = fill_holes_2d(mask)
+            out[i, j] = patient_dice(mask, truth)
+    return out
+
+
+def choose(scores: np.ndarray, settings: list[PostProcessing]
+           ) -> tuple[PostProcessing, float, float]:
+    """The setting with the best mean per-patient Dice (the first among equals).
+
+    Returns:
+        ``(setting, its mean Dice, the plain setting's mean Dice)``.
+    """
+    means = scores.mean(axis=1)
+    best = int(np.argmax(means))  # first maximum: settings are ordered simplest first
+    plain = settings.index(PLAIN) if PLAIN in settings else best
+    return settings[best], float(means[best]), float(means[plain])
