@@ -215,15 +215,34 @@ def override_sources(options: dict[str, object], set_pairs: tuple[str, ...]
     return sources
 
 
+def _config_from_options(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool | None,
+                         skip_invalid: bool | None, options: dict):
+    """The typed config: YAML file, then the named options, then ``--set`` pairs."""
+    from brainseg_dist.config import load_config
+
+    overrides = {TRAIN_OVERRIDES[k][0]: v for k, v in options.items()}
+    overrides["train.cpu"] = cpu
+    overrides["data.skip_invalid"] = skip_invalid
+    overrides.update(parse_set_options(set_pairs))
+    return load_config(config_path, overrides, override_sources(options, set_pairs))
+
+
+def _config_options(fn):
+    """``--config``, the training overrides, ``--cpu``, ``--skip-invalid`` and ``--set``."""
+    fn = click.option("--set", "set_pairs", multiple=True, metavar="SECTION.KEY=VALUE",
+                      help="Override any config value, e.g. --set augment.elastic_p=0.5.")(fn)
+    fn = click.option("--skip-invalid", is_flag=True, default=None,
+                      help="Drop bad slices with a warning instead of failing.")(fn)
+    fn = click.option("--cpu", is_flag=True, default=None,
+                      help="Train on CPU even if a GPU is present.")(fn)
+    fn = _train_options(fn)
+    return click.option("--config", "config_path",
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="YAML config (see configs/).")(fn)
+
+
 @click.command("train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML config (see configs/).")
-@_train_options
-@click.option("--cpu", is_flag=True, default=None, help="Train on CPU even if a GPU is present.")
-@click.option("--skip-invalid", is_flag=True, default=None,
-              help="Drop bad slices with a warning instead of failing.")
-@click.option("--set", "set_pairs", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override any config value, e.g. --set augment.elastic_p=0.5.")
+@_config_options
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir from last.pt.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier run in --output-dir (its checkpoints, metrics, model.ts, "
@@ -235,15 +254,10 @@ def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: 
                   overwrite: bool, validate_only: Path | None, cpu: bool | None,
                   skip_invalid: bool | None, **options) -> None:
     """Train the U-Net (single process here; use accelerate launch for several)."""
-    from brainseg_dist.config import load_config
     from brainseg_dist.rundir import prepare_run_dir
     from brainseg_dist.train import run_training
 
-    overrides = {TRAIN_OVERRIDES[k][0]: v for k, v in options.items()}
-    overrides["train.cpu"] = cpu
-    overrides["data.skip_invalid"] = skip_invalid
-    overrides.update(parse_set_options(set_pairs))
-    cfg = load_config(config_path, overrides, override_sources(options, set_pairs))
+    cfg = _config_from_options(config_path, set_pairs, cpu, skip_invalid, options)
     if validate_only is not None:
         from brainseg_dist.train import validate_checkpoint
 
@@ -255,6 +269,40 @@ def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: 
 
 
 main.add_command(train_command)
+
+
+@click.command("cv")
+@_config_options
+@click.option("--folds", default=5, show_default=True, help="Number of patient folds K.")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              help="Share of each fold's non-test patients used for model selection and the "
+                   "post-processing choice.")
+@click.option("--fold", "only_fold", type=int, default=None,
+              help="Train only this fold (0-based), e.g. one job per fold; the summary is "
+                   "written by the call that finds every fold finished.")
+@reports_errors
+def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool | None,
+               skip_invalid: bool | None, folds: int, val_fraction: float,
+               only_fold: int | None, **options) -> None:
+    """Patient-level K-fold cross-validation of a config over the patients of --data-dir.
+
+    Trains every fold into --output-dir/fold_<k> (resumable), chooses post-processing on each
+    fold's inner validation patients, tests each fold on its held-out patients, and writes
+    cv_summary.json (per-patient Dice mean, median, 95% bootstrap CI), cv_per_patient.csv and
+    a figure. `brainseg export DIR` then writes the fold ensemble as one model.ts."""
+    import torch
+
+    from brainseg_dist.cv import print_cv_summary, run_cv
+
+    cfg = _config_from_options(config_path, set_pairs, cpu, skip_invalid, options)
+    device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
+    result = run_cv(cfg, cfg.train.output_dir, folds=folds, val_fraction=val_fraction,
+                    only_fold=only_fold, device=device)
+    if result is not None:
+        print_cv_summary(result)
+
+
+main.add_command(cv_command)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -306,7 +354,16 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
     """Write model.ts (TorchScript) and model.pt2 of a run.
 
     One end-to-end module (raw slices in, probabilities out), checked against the eager
-    model before it is written."""
+    model before it is written. RUN_DIR may be a `brainseg cv` directory: then the module
+    averages the folds (with the post-processing chosen on their out-of-fold predictions,
+    applied by its segment() method)."""
+    from brainseg_dist.cv import is_cv_dir
+
+    if is_cv_dir(run_dir):
+        from brainseg_dist.ensemble import export_ensemble
+
+        export_ensemble(run_dir, out=out, tolerance=tolerance, pt2=not no_pt2)
+        return
     from brainseg_dist.export import export_run
 
     export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2)

@@ -36,9 +36,11 @@ import pandas as pd
 import torch
 
 from brainseg_dist.console import console, progress, warn
+from brainseg_dist.cv import is_cv_dir
 from brainseg_dist.data.decode import SliceError, read_pair
 from brainseg_dist.data.scan import list_slices
 from brainseg_dist.data.synth import run_data_root
+from brainseg_dist.ensemble import build_ensemble
 from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
 from brainseg_dist.export import build_pipeline, load_checkpoint
 from brainseg_dist.io import (
@@ -61,6 +63,7 @@ from brainseg_dist.metrics import (
 from brainseg_dist.predict import check_device, predict_volume, volume_stats_of
 
 VARIANTS = ("plain", "tta", "lcc", "tta+lcc")
+POSTPROCESSED = "post-processed"  # a fold ensemble's chosen post-processing (model.segment)
 SPLITS = ("test", "val", "train", "all")
 OVERLAY_SLICES = 4
 
@@ -201,6 +204,9 @@ def evaluate_folder(pipeline: Any, rows: pd.DataFrame, threshold: float, normali
     preds = {"plain": p_id[:, 0] > threshold, "tta": (p_id[:, 0] + p_flip[:, 0]) / 2 > threshold}
     preds["lcc"] = largest_component_3d(preds["plain"])
     preds["tta+lcc"] = largest_component_3d(preds["tta"])
+    if hasattr(pipeline, "segment"):  # a fold ensemble: its own post-processing, in-module
+        with torch.no_grad():
+            preds[POSTPROCESSED] = pipeline.segment(x.to(device))[:, 0].bool().cpu()
     counts = {k: overlap_counts(v, target).numpy() for k, v in preds.items()}
     hd = {k: hd95_per_slice(v, target) for k, v in preds.items()}
     pick = _pick_overlay_slices(masks, preds[headline].numpy(), OVERLAY_SLICES)
@@ -251,7 +257,7 @@ def per_patient_table(results: list[PatientResult], headline: str) -> pd.DataFra
             "fp_empty_slices": s["fp"], "empty_slices": s["empty_slices"],
             "hd95_mean": s["hd95_mean"], "hd95_slices": s["hd95_slices"],
         }
-        for v in VARIANTS:
+        for v in rs[0].counts:
             cv = np.concatenate([r.counts[v] for r in rs]).sum(0)
             row[f"dice_{v}"] = float(dice_from_counts(*cv))
         rows.append(row)
@@ -299,17 +305,27 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
     from brainseg_dist.rundir import existing_run_dir
 
     run_dir = existing_run_dir(run_dir)
-    # The run's own checkpoint first; a path that exists as given otherwise.
     check_device(device)
     if batch_size < 1:
         raise BrainsegError(f"--batch-size {batch_size}: must be >= 1")
-    ckpt_path = run_dir / checkpoint if (run_dir / checkpoint).is_file() else Path(checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
+    ensemble = is_cv_dir(run_dir)
+    if ensemble:  # every CV patient trained some fold: evaluate the ensemble on new patients
+        pipeline, meta = build_ensemble(run_dir)
+        ckpt = load_checkpoint(Path(meta["ensemble"]["checkpoints"][0]))
+    else:
+        # The run's own checkpoint first; a path that exists as given otherwise.
+        ckpt_path = (run_dir / checkpoint if (run_dir / checkpoint).is_file()
+                     else Path(checkpoint))
+        ckpt = load_checkpoint(ckpt_path)
+        pipeline = build_pipeline(ckpt)
     cfg = ckpt.state.get("config") or {}
     run_root = run_data_root(run_dir, (cfg.get("data") or {}).get("data_dir"))
     root = Path(data_dir) if data_dir is not None else run_root
     own_root = _same_path(root, run_root)
-    split = split or ("test" if own_root else "all")
+    split = split or ("test" if own_root and not ensemble else "all")
+    if ensemble and own_root:
+        warn(f"{root}: every patient here trained some fold of the ensemble in {run_dir}; "
+             "these figures are not on unseen patients")
     if split not in SPLITS:
         raise BrainsegError(f"--split {split}: expected one of {', '.join(SPLITS)}")
     table, problems = list_slices(root)
@@ -318,22 +334,22 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
         raise DatasetError(problems, root)
     patients = select_patients(table, run_dir, split, root)
     table = table[table["patient"].isin(set(patients))]
-    headline = headline_name(tta, lcc)
+    headline = POSTPROCESSED if ensemble else headline_name(tta, lcc)
     out = Path(out) if out is not None else run_dir / f"eval_{split}"
     check_writable(out, "evaluation output folder (--out)")  # before any slice is decoded
 
-    pipeline = build_pipeline(ckpt).to(device)
+    pipeline = pipeline.to(device)
     results: list[PatientResult] = []
     with progress(disable=not show_progress) as bar:
         task = bar.add_task("evaluating", total=table["folder"].nunique(), info="")
         for _folder, rows in table.groupby("folder", sort=False):
-            r = evaluate_folder(pipeline, rows, ckpt.threshold, ckpt.normalization, headline,
+            r = evaluate_folder(pipeline, rows, pipeline.threshold, ckpt.normalization, headline,
                                 batch_size, device, skip_invalid)
             results.append(r)
             d = dice_from_counts(*r.counts[headline].sum(0))
             bar.update(task, advance=1, info=f"{r.patient} Dice {float(d):.3f}")
 
-    variants = {v: summarize_variant(results, v) for v in VARIANTS}
+    variants = {v: summarize_variant(results, v) for v in results[0].counts}
     per_patient = per_patient_table(results, headline)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "per_patient.csv", lambda p: per_patient.to_csv(p, index=False))
@@ -348,7 +364,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
         "split": split,
         "patients": len(per_patient),
         "slices": int(sum(r.slices for r in results)),
-        "threshold": ckpt.threshold,
+        "threshold": pipeline.threshold,
         "image_size": ckpt.image_size,
         "normalization": ckpt.normalization,
         "resolution": "native (masks as stored; probabilities resized to native size)",
@@ -407,7 +423,7 @@ def print_summary(result: EvalResult) -> None:
     t = Table(title=f"{s['split']}: {s['patients']} patients, {s['slices']} slices "
                     f"({Path(s['checkpoint']).name}, threshold {s['threshold']:g})")
     t.add_column("metric")
-    for v in VARIANTS:
+    for v in s["variants"]:
         t.add_column(v + (" *" if v == s["headline"] else ""), justify="right")
 
     def fmt(x: Any, digits: int = 3) -> str:
@@ -430,7 +446,7 @@ def print_summary(result: EvalResult) -> None:
         ("slice accuracy", lambda m: fmt(m["diagnosis"]["accuracy"])),
     ]
     for name, f in rows:
-        t.add_row(name, *(f(s["variants"][v]) for v in VARIANTS))
+        t.add_row(name, *(f(s["variants"][v]) for v in s["variants"]))
     console.print(t)
     console.print(f"headline ({s['headline']}): per-patient Dice "
                   f"{fmt(s['headline_metrics']['mean'])} ± {fmt(s['headline_metrics']['sd'])}"

@@ -436,19 +436,34 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = "best.pt",
     check_writable(out.parent, "folder of --out")  # before the slow scripting and parity
     eager = build_pipeline(ckpt)
     images, source = parity_inputs(run_dir, ckpt.state.get("config") or {}, parity_count)
-    batches = _parity_batches(images)
     try:
         scripted = script_pipeline(ckpt)
     except Exception as exc:  # the TorchScript compiler raises its own frontend errors
         raise ExportError(f"{ckpt.path}: TorchScript compilation failed ({exc})") from exc
+    return write_checked_exports(eager, scripted, images, source, out, metadata(ckpt),
+                                 tolerance, pt2, verbose)
 
-    # Parity of the compiled module in memory, recorded in the metadata; the file written
-    # is then loaded back and checked again, so what lands on disk is what was checked.
+
+def write_checked_exports(eager: nn.Module, scripted: torch.jit.ScriptModule,
+                          images: torch.Tensor, source: str, out: Path,
+                          meta: dict[str, Any], tolerance: float, pt2: bool,
+                          verbose: bool) -> ExportResult:
+    """Check a scripted pipeline against its eager twin, then write ``out`` (and ``.pt2``).
+
+    Parity is measured on ``images`` and on float, cropped and small versions of them (every
+    input type and resize branch); the file written is loaded back and checked again, so
+    what lands on disk is what was checked.
+
+    Raises:
+        ExportError: parity worse than ``tolerance``.
+    """
+    threshold = float(getattr(eager, "threshold", 0.5))
+    batches = _parity_batches(images)
     reference = outputs(eager, batches)
-    diff, differing = max_abs_difference(reference, scripted, batches, ckpt.threshold)
-    meta = metadata(ckpt, parity={"source": source, "tolerance": tolerance,
-                                  "max_abs_diff": diff, "mask_pixels_differing": differing,
-                                  "inputs": "uint8, float, odd-size crop, small (grown)"})
+    diff, differing = max_abs_difference(reference, scripted, batches, threshold)
+    meta = {**meta, "parity": {"source": source, "tolerance": tolerance, "max_abs_diff": diff,
+                               "mask_pixels_differing": differing,
+                               "inputs": "uint8, float, odd-size crop, small (grown)"}}
     if not diff <= tolerance:  # also catches NaN
         raise ExportError(f"{out}: TorchScript output differs from the eager model by "
                           f"{diff:.3g} (tolerance {tolerance:g}) on {source}; not written")

@@ -1,0 +1,163 @@
+"""``brainseg cv`` on a synthetic root: folds, resumability, summary, post-processing chosen on
+validation only, the fold ensemble in one model.ts, and that file in a clean process."""
+
+from __future__ import annotations
+
+import json
+import site
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import run_cli
+
+from brainseg_dist.cv import bootstrap_ci
+
+TINY_CV = ["--folds", "3", "--epochs", "4", "--image-size", "32", "--base-width", "4",
+           "--batch-size", "8", "--lr", "0.01", "--set", "train.num_overlays=0"]
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
+    values = np.random.default_rng(0).uniform(0.5, 1.0, 40)
+    lo, hi = bootstrap_ci(values)
+    assert lo < values.mean() < hi
+    assert (lo, hi) == tuple(bootstrap_ci(values))
+    # The interval of the mean shrinks like 1/sqrt(n).
+    lo4, hi4 = bootstrap_ci(np.tile(values, 4))
+    assert (hi4 - lo4) == pytest.approx((hi - lo) / 2, rel=0.2)
+    assert all(np.isnan(bootstrap_ci(values[:1])))
+
+
+@pytest.fixture(scope="module")
+def cv_run(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV],
+                   timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+@pytest.mark.slow
+def test_cv_summary_tests_every_patient_once(cv_run, synth_root):
+    out, proc = cv_run
+    summary = json.loads((out / "cv_summary.json").read_text())
+    for key in ("patients", "dice_patient_mean", "dice_patient_median", "dice_patient_ci95"):
+        assert key in summary, key
+    assert summary["patients"] == 8
+    assert summary["folds"] == 3
+    table = pd.read_csv(out / "cv_per_patient.csv")
+    assert sorted(table["patient"]) == sorted(p.name[:12] for p in synth_root.iterdir()
+                                               if p.is_dir())
+    plan = json.loads((out / "cv_plan.json").read_text())
+    for split in plan["splits"]:
+        fold = table[table["fold"] == split["fold"]]
+        assert sorted(fold["patient"]) == sorted(split["test"])
+        chosen = json.loads((out / f"fold_{split['fold']}" / "postprocessing.json").read_text())
+        # Chosen on the fold's inner validation patients, never on its test patients.
+        assert str(split["val"]) in chosen["chosen_on"]
+        assert not set(split["test"]) & set(split["val"]) | set(split["train"]) & set(
+            split["test"])
+    post = summary["variants"]["post-processed"]
+    assert post["dice_patient_mean"] == pytest.approx(table["dice_post-processed"].mean())
+    assert post["dice_patient_median"] == pytest.approx(table["dice_post-processed"].median())
+    lo, hi = summary["dice_patient_ci95"]
+    assert lo <= summary["dice_patient_mean"] <= hi
+    assert (out / "dice_per_patient.png").stat().st_size > 1000
+    assert "NaN" not in (out / "cv_summary.json").read_text()
+    assert "headline (post-processed)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_root):
+    out, _ = cv_run
+    before = (out / "fold_0" / "best.pt").read_bytes()
+    again = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV],
+                    timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (again.stdout + again.stderr).count("finished, skipped") == 3
+    assert (out / "fold_0" / "best.pt").read_bytes() == before
+    other = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out,
+                     *TINY_CV[:1], "4", *TINY_CV[2:]])
+    assert other.returncode == 1
+    assert "folds=3" in other.stdout + other.stderr
+    assert "Traceback" not in other.stderr
+
+
+@pytest.fixture(scope="module")
+def ensemble_ts(cv_run):
+    out, _ = cv_run
+    proc = run_cli(["export", out, "--no-pt2"], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fold ensemble of 3 folds" in proc.stdout + proc.stderr
+    return out / "model.ts"
+
+
+@pytest.mark.slow
+def test_ensemble_model_ts_in_a_clean_process_equals_evaluate(cv_run, ensemble_ts, synth_root,
+                                                             tmp_path):
+    """model.ts loaded without brainseg_dist: its segment() masks give exactly the pixel
+    counts `brainseg evaluate` reports for the ensemble, and equal the eager masks."""
+    from brainseg_dist.ensemble import build_ensemble
+
+    out, _ = cv_run
+    evaluation = run_cli(["evaluate", out, "--data-dir", synth_root, "--out",
+                          tmp_path / "eval"], timeout=600)
+    assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
+    table = pd.read_csv(tmp_path / "eval" / "per_patient.csv").set_index("patient")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["headline"] == "post-processed"
+    packages = [p for p in site.getsitepackages() if p.endswith("site-packages")]
+    script = textwrap.dedent(f"""
+        import sys, json, warnings
+        sys.path.extend({packages!r})
+        try:
+            import brainseg_dist
+            raise SystemExit("brainseg_dist must not be importable here")
+        except ImportError:
+            pass
+        import numpy as np, tifffile, torch
+        from pathlib import Path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
+            model = torch.jit.load({str(ensemble_ts)!r})
+        result, masks = {{}}, {{}}
+        for folder in sorted(p for p in Path({str(synth_root)!r}).iterdir() if p.is_dir()):
+            images = sorted((p for p in folder.glob("*.tif") if not p.name.endswith("_mask.tif")),
+                            key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+            x = torch.from_numpy(np.stack([tifffile.imread(p) for p in images])).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                pred = model.segment(x)[:, 0].numpy().astype(bool)
+            gt = np.stack([tifffile.imread(str(p)[:-4] + "_mask.tif") > 0 for p in images])
+            result[folder.name[:12]] = {{"intersection": int((pred & gt).sum()),
+                                         "pred_pixels": int(pred.sum())}}
+            masks[folder.name[:12]] = pred
+        np.savez("masks.npz", **masks)
+        print(json.dumps(result))
+    """)
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    clean = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(clean) == set(table.index)
+    for patient, row in clean.items():
+        assert table.loc[patient, "pred_pixels"] == row["pred_pixels"], patient
+        assert table.loc[patient, "intersection"] == row["intersection"], patient
+    eager, _ = build_ensemble(out)
+    differing = 0
+    with np.load(tmp_path / "masks.npz") as z:
+        for patient in z.files:
+            folder = next(p for p in synth_root.iterdir() if p.name.startswith(patient))
+            images = sorted((p for p in folder.glob("*.tif")
+                             if not p.name.endswith("_mask.tif")),
+                            key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+            import tifffile
+
+            x = torch.from_numpy(np.stack([tifffile.imread(p) for p in images]))
+            with torch.no_grad():
+                masks = eager.segment(x.permute(0, 3, 1, 2))[:, 0].numpy().astype(bool)
+            differing += int((masks != z[patient]).sum())
+    assert differing == 0
