@@ -215,6 +215,17 @@ def override_sources(options: dict[str, object], set_pairs: tuple[str, ...]
     return sources
 
 
+def end_distributed() -> None:
+    """Tear down the process group (DDP under torchrun/accelerate launch) before exiting: a
+    gloo rank that exits with the group alive can abort ("terminate called without an active
+    exception") while its peer is still shutting down."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _config_from_options(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool | None,
                          skip_invalid: bool | None, options: dict):
     """The typed config: YAML file, then the named options, then ``--set`` pairs."""
@@ -262,10 +273,12 @@ def train_command(config_path: Path | None, set_pairs: tuple[str, ...], resume: 
         from brainseg_dist.train import validate_checkpoint
 
         validate_checkpoint(cfg, validate_only)
+        end_distributed()
     else:
         prepare_run_dir(cfg.train.output_dir, resume=resume, overwrite=overwrite,
                         config_hash=cfg.hash())
         run_training(cfg, resume=resume)
+        end_distributed()
 
 
 main.add_command(train_command)
@@ -298,6 +311,7 @@ def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool |
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
     result = run_cv(cfg, cfg.train.output_dir, folds=folds, val_fraction=val_fraction,
                     only_fold=only_fold, device=device)
+    end_distributed()
     if result is not None:
         print_cv_summary(result)
 
