@@ -13,7 +13,6 @@ used for a reported figure.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from brainseg_dist import postprocess as pp
 from brainseg_dist.console import console, progress
 from brainseg_dist.data.scan import list_slices
 from brainseg_dist.errors import BrainsegError, DatasetError
-from brainseg_dist.io import atomic_write_json
+from brainseg_dist.io import atomic_write_json, json_safe
 from brainseg_dist.metrics import hd95_per_slice, overlap_counts, slice_metrics
 
 VARIANTS = ("plain", "post-processed")
@@ -89,18 +88,6 @@ def variant_metrics(dice: dict[str, float], counts: np.ndarray, hd95: np.ndarray
                              "hd95_median", "hd95_slices", "slices", "tumour_slices",
                              "empty_slices")},
     }
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
@@ -198,7 +185,7 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
     per_patient = pd.DataFrame(rows)
     _figure(out, dice["post-processed"], headline)
     console.print(f"evaluated {len(rows)} patients in {summary['seconds']:.0f} s")
-    return _json_safe(summary), per_patient
+    return json_safe(summary), per_patient
 
 
 def _figure(out: Path, dice: dict[str, float], metrics: dict[str, Any]) -> Path:

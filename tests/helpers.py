@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import site
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,34 @@ def corrupted_copy(src_root: Path, dst_root: Path, truncate: tuple[int, int],
     deleted = dst_root / folders[j] / f"{folders[j]}_{m}_mask.tif"
     deleted.unlink()
     return dst_root, truncated, deleted, n_slices
+
+
+def run_without_package(body: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh ``python -I -S`` that has torch, numpy and tifffile but cannot
+    import ``brainseg_dist`` (a user's process with an exported model and torch alone).
+
+    ``sys``, ``json``, ``warnings``, ``np``, ``tifffile``, ``torch`` and ``Path`` are imported.
+    """
+    packages = [p for p in site.getsitepackages() if p.endswith("site-packages")]
+    preamble = textwrap.dedent(f"""
+        import sys, json, warnings
+        sys.path.extend({packages!r})
+        try:
+            import brainseg_dist
+            raise SystemExit("brainseg_dist must not be importable here")
+        except ImportError:
+            pass
+        import numpy as np, tifffile, torch
+        from pathlib import Path
+    """)
+    return subprocess.run([sys.executable, "-I", "-S", "-c", preamble + textwrap.dedent(body)],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def patient_stack(folder: Path):
+    """A patient folder's images in slice order as an ``N×3×H×W`` uint8 tensor."""
+    import torch
+
+    images = sorted((p for p in folder.glob("*.tif") if not p.name.endswith("_mask.tif")),
+                    key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return torch.from_numpy(np.stack([tifffile.imread(p) for p in images])).permute(0, 3, 1, 2)

@@ -4,16 +4,12 @@ validation only, the fold ensemble in one model.ts, and that file in a clean pro
 from __future__ import annotations
 
 import json
-import site
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import run_cli
+from helpers import patient_stack, run_cli, run_without_package
 
 from brainseg_dist.cv import bootstrap_ci
 
@@ -110,17 +106,7 @@ def test_ensemble_model_ts_in_a_clean_process_equals_evaluate(cv_run, ensemble_t
     table = pd.read_csv(tmp_path / "eval" / "per_patient.csv").set_index("patient")
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["headline"] == "post-processed"
-    packages = [p for p in site.getsitepackages() if p.endswith("site-packages")]
-    script = textwrap.dedent(f"""
-        import sys, json, warnings
-        sys.path.extend({packages!r})
-        try:
-            import brainseg_dist
-            raise SystemExit("brainseg_dist must not be importable here")
-        except ImportError:
-            pass
-        import numpy as np, tifffile, torch
-        from pathlib import Path
+    script = f"""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
             model = torch.jit.load({str(ensemble_ts)!r})
@@ -137,9 +123,8 @@ def test_ensemble_model_ts_in_a_clean_process_equals_evaluate(cv_run, ensemble_t
             masks[folder.name[:12]] = pred
         np.savez("masks.npz", **masks)
         print(json.dumps(result))
-    """)
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, check=False)
+    """
+    proc = run_without_package(script, tmp_path)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     clean = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(clean) == set(table.index)
@@ -150,14 +135,26 @@ def test_ensemble_model_ts_in_a_clean_process_equals_evaluate(cv_run, ensemble_t
     differing = 0
     with np.load(tmp_path / "masks.npz") as z:
         for patient in z.files:
-            folder = next(p for p in synth_root.iterdir() if p.name.startswith(patient))
-            images = sorted((p for p in folder.glob("*.tif")
-                             if not p.name.endswith("_mask.tif")),
-                            key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-            import tifffile
-
-            x = torch.from_numpy(np.stack([tifffile.imread(p) for p in images]))
+            x = patient_stack(next(p for p in synth_root.iterdir() if p.name.startswith(patient)))
             with torch.no_grad():
-                masks = eager.segment(x.permute(0, 3, 1, 2))[:, 0].numpy().astype(bool)
+                masks = eager.segment(x)[:, 0].numpy().astype(bool)
             differing += int((masks != z[patient]).sum())
     assert differing == 0
+
+
+@pytest.mark.slow
+def test_predict_with_the_ensemble_applies_its_postprocessing(cv_run, ensemble_ts, synth_root,
+                                                              tmp_path):
+    from brainseg_dist.ensemble import build_ensemble
+
+    out, _ = cv_run
+    folder = sorted(p for p in synth_root.iterdir() if p.is_dir())[0]
+    proc = run_cli(["predict", ensemble_ts, folder, tmp_path / "pred", "--no-overlays"],
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    volume = pd.read_csv(tmp_path / "pred" / "tumour_volume.csv")
+    x = patient_stack(folder)
+    eager, _ = build_ensemble(out)
+    with torch.no_grad():
+        expected = int(eager.segment(x).sum())
+    assert int(volume["tumour_pixels"].iloc[0]) == expected

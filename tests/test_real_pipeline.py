@@ -7,17 +7,12 @@ numbers agree, not that they are high); the full 30-epoch figures are in the REA
 from __future__ import annotations
 
 import json
-import site
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 import torch
-from helpers import REPO
+from helpers import REPO, patient_stack, run_without_package
 
 from brainseg_dist.config import load_config
 from brainseg_dist.evaluate import evaluate_run
@@ -45,17 +40,7 @@ def clean_process_masks(real_run, real_root, tmp_path_factory):
     out, _, exported = real_run
     split = json.loads((out / "split.json").read_text())
     work = tmp_path_factory.mktemp("clean")
-    packages = [p for p in site.getsitepackages() if p.endswith("site-packages")]
-    script = textwrap.dedent(f"""
-        import sys, json, warnings
-        sys.path.extend({packages!r})
-        try:
-            import brainseg_dist
-            raise SystemExit("brainseg_dist must not be importable here")
-        except ImportError:
-            pass
-        import numpy as np, tifffile, torch
-        from pathlib import Path
+    script = f"""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
             files = {{"metadata.json": ""}}
@@ -77,9 +62,8 @@ def clean_process_masks(real_run, real_root, tmp_path_factory):
             masks[folder.name[:12]] = pred
         np.savez("masks.npz", **masks)
         print(json.dumps(result))
-    """)
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=work,
-                          capture_output=True, text=True, timeout=300, check=False)
+    """
+    proc = run_without_package(script, work, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     with np.load(work / "masks.npz") as z:
         masks = {k: z[k] for k in z.files}
@@ -110,10 +94,7 @@ def test_model_ts_masks_equal_evaluate_masks(real_run, real_root, clean_process_
     pipeline = build_pipeline(load_checkpoint(out / "best.pt"))
     differing = 0
     for patient, ts_masks in masks.items():
-        folder = next(p for p in real_root.iterdir() if p.name.startswith(patient))
-        images = sorted((p for p in folder.glob("*.tif") if not p.name.endswith("_mask.tif")),
-                        key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        x = torch.from_numpy(np.stack([tifffile.imread(p) for p in images])).permute(0, 3, 1, 2)
+        x = patient_stack(next(p for p in real_root.iterdir() if p.name.startswith(patient)))
         with torch.no_grad():
             eager = (pipeline(x)[:, 0] > pipeline.threshold).numpy()
         differing += int((eager != ts_masks).sum())
