@@ -436,6 +436,9 @@ def _predict_into(stage: Path, out: Path, plan: list[InputSlice], module: Any,
     """Predict every planned slice; write masks, overlays and CSVs under ``stage`` (paths in
     the CSVs are the final ones under ``out``)."""
     volume = meta["normalization"] == "volume"
+    # A fold ensemble's segment() applies the post-processing chosen on validation; an
+    # explicit --threshold asks for plain thresholding instead.
+    segment = hasattr(module, "segment") and thr == float(meta["threshold"])
     area_rows, volume_rows = [], []
     by_folder: dict[str, list[InputSlice]] = {}
     for s in plan:
@@ -454,6 +457,12 @@ def _predict_into(stage: Path, out: Path, plan: list[InputSlice], module: Any,
             stats = volume_stats_of(module, list(stacks.values()), device) if volume else None
             masks: list[np.ndarray | None] = [None] * len(images)
             for hw, idx in sizes.items():
+                if segment:  # a fold ensemble: its own 3D post-processing, on the folder
+                    with torch.no_grad():
+                        m = module.segment(stacks[hw].to(device))[:, 0].bool().cpu()
+                    for j, i in enumerate(idx):
+                        masks[i] = m[j].numpy()
+                    continue
                 probs = predict_volume(module, stacks[hw], batch_size, device, stats=stats)
                 for j, i in enumerate(idx):
                     masks[i] = (probs[j, 0] > thr).numpy()
