@@ -286,11 +286,13 @@ main.add_command(train_command)
 
 @click.command("cv")
 @_config_options
-@click.option("--folds", default=5, show_default=True, help="Number of patient folds K.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Number of patient folds K.")
 @click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of each fold's non-test patients used for model selection and the "
                    "post-processing choice.")
-@click.option("--fold", "only_fold", type=int, default=None,
+@click.option("--fold", "only_fold", type=click.IntRange(min=0), default=None,
               help="Train only this fold (0-based), e.g. one job per fold; the summary is "
                    "written by the call that finds every fold finished.")
 @reports_errors

@@ -187,6 +187,8 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
         BrainsegError: bad data root, a plan that does not match this call, a damaged fold.
     """
     out = Path(out)
+    if only_fold is not None and not 0 <= only_fold < folds:
+        raise BrainsegError(f"--fold {only_fold}: expected 0..{folds - 1}")
     plan = make_plan(cfg, folds, val_fraction)
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
@@ -197,8 +199,6 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
         plan = saved
     elif _is_main_process():
         atomic_write_json(plan_path, plan)
-    if only_fold is not None and not 0 <= only_fold < folds:
-        raise BrainsegError(f"--fold {only_fold}: expected 0..{folds - 1}")
     train_folds(cfg, out, plan, only_fold)
     if not _is_main_process():
         return None

@@ -158,3 +158,21 @@ def test_predict_with_the_ensemble_applies_its_postprocessing(cv_run, ensemble_t
     with torch.no_grad():
         expected = int(eager.segment(x).sum())
     assert int(volume["tumour_pixels"].iloc[0]) == expected
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--folds", "1"], "--folds"),
+    (["--val-fraction", "0"], "--val-fraction"),
+    (["--fold", "-1"], "--fold"),
+    (["--folds", "9"], "9 folds"),  # 8 synthetic patients
+    (["--folds", "3", "--fold", "3"], "--fold 3"),
+])
+def test_cv_bad_arguments_get_one_clear_line(synth_root, tmp_path, args, named):
+    proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", tmp_path / "cv",
+                    "--image-size", "32", "--base-width", "4", "--epochs", "1", *args])
+    assert proc.returncode in (1, 2), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert named in proc.stdout + proc.stderr
+    assert not (tmp_path / "cv" / "fold_0").exists()
+    if named.startswith("--"):  # refused before anything was written
+        assert not (tmp_path / "cv").exists()
