@@ -90,6 +90,9 @@ def make_plan(cfg: Config, folds: int, val_fraction: float) -> dict[str, Any]:
 def _check_plan(saved: dict[str, Any], new: dict[str, Any], path: Path,
                 training: bool) -> None:
     """The call must match the saved plan; the config only where a fold still trains."""
+    if Path(saved.get("data_dir", "")).resolve() != Path(new["data_dir"]).resolve():
+        raise BrainsegError(f"{path}: existing cross-validation is of {saved.get('data_dir')}, "
+                            f"this call of {new['data_dir']}; use another --output-dir")
     for key in ("folds", "seed", "val_fraction") + (("config_hash",) if training else ()):
         if saved.get(key) != new.get(key):
             raise BrainsegError(f"{path}: existing cross-validation has {key}="

@@ -4,6 +4,7 @@ validation only, the fold ensemble in one model.ts, and that file in a clean pro
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -68,7 +69,8 @@ def test_cv_summary_tests_every_patient_once(cv_run, synth_root):
 
 
 @pytest.mark.slow
-def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_root):
+def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_root,
+                                                               tmp_path):
     out, _ = cv_run
     before = (out / "fold_0" / "best.pt").read_bytes()
     again = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV],
@@ -80,6 +82,10 @@ def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_ro
                      *TINY_CV[:1], "4", *TINY_CV[2:]])
     assert other.returncode == 1
     assert "folds=3" in other.stdout + other.stderr
+    copy = shutil.copytree(synth_root, tmp_path / "copy" / "kaggle_3m")
+    elsewhere = run_cli(["cv", "--data-dir", copy, "--output-dir", out, *TINY_CV])
+    assert elsewhere.returncode == 1
+    assert "existing cross-validation is of" in elsewhere.stdout + elsewhere.stderr
     assert "Traceback" not in other.stderr
 
 
