@@ -120,13 +120,9 @@ def build_ensemble(cv_dir: str | Path, trace: bool = False
         if (c.image_size, c.normalization, c.model_args) != (
                 first.image_size, first.normalization, first.model_args):
             raise BrainsegError(f"{c.path}: trained with other settings than {first.path}")
-    unets = [build_unet(c) for c in ckpts]
-    if trace:
-        example = torch.zeros(1, 3, first.image_size, first.image_size)
-        with quiet_jit_deprecation(), torch.no_grad():
-            unets = [torch.jit.trace(u, example) for u in unets]
-    pipeline = EnsemblePipeline(FoldEnsemble(unets, setting.tta), first.image_size,
-                                first.normalization, setting, plan["config_hash"]).eval()
+    pipeline = EnsemblePipeline(FoldEnsemble([build_unet(c) for c in ckpts], setting.tta),
+                                first.image_size, first.normalization, setting,
+                                plan["config_hash"]).eval()
     meta = metadata(first, ensemble={
         "folds": plan["folds"], "checkpoints": [str(c.path) for c in ckpts],
         "checkpoint_epochs": [c.epoch for c in ckpts],
@@ -135,7 +131,18 @@ def build_ensemble(cv_dir: str | Path, trace: bool = False
                    "post-processed N×1×H×W uint8 masks",
     })
     meta["threshold"] = setting.threshold
-    return pipeline, meta
+    return (traced_ensemble(pipeline, setting) if trace else pipeline), meta
+
+
+def traced_ensemble(pipeline: EnsemblePipeline, setting: PostProcessing) -> EnsemblePipeline:
+    """The same ensemble with every U-Net traced at the training size, ready for
+    ``torch.jit.script`` (the U-Net's forward zips module lists, which the TorchScript
+    compiler does not accept)."""
+    example = torch.zeros(1, 3, pipeline.image_size, pipeline.image_size)
+    with quiet_jit_deprecation(), torch.no_grad():
+        unets = [torch.jit.trace(u, example) for u in pipeline.unet.unets]
+    return EnsemblePipeline(FoldEnsemble(unets, setting.tta), pipeline.image_size,
+                            pipeline.normalization, setting, pipeline.config_hash).eval()
 
 
 def export_ensemble(cv_dir: str | Path, out: str | Path | None = None,
@@ -151,11 +158,10 @@ def export_ensemble(cv_dir: str | Path, out: str | Path | None = None,
     """
     cv_dir = Path(cv_dir)
     out = Path(out) if out is not None else cv_dir / "model.ts"
-    eager, meta = build_ensemble(cv_dir)
-    traced, _ = build_ensemble(cv_dir, trace=True)
-    cfg = (load_checkpoint(Path(meta["ensemble"]["checkpoints"][0])).state.get("config")
-           or {})
-    images, source = parity_inputs(cv_dir / "fold_0", cfg, 6)
+    eager, meta = build_ensemble(cv_dir)  # each fold's checkpoint is read once
+    setting = PostProcessing.from_dict(meta["ensemble"]["postprocessing"])
+    traced = traced_ensemble(eager, setting)
+    images, source = parity_inputs(cv_dir / "fold_0", meta["config"], 6)
     try:
         with quiet_jit_deprecation():
             scripted = torch.jit.script(traced)
