@@ -51,7 +51,8 @@ from baseline import (
     per_sample_loader,
 )
 
-from brainseg_dist.augment import DeviceAugment, normalize
+from brainseg_dist.augment import DeviceAugment
+from brainseg_dist.preprocess import normalize
 from brainseg_dist.config import AugmentConfig
 from brainseg_dist.console import console
 from brainseg_dist.data import SliceData, load_dataset

@@ -1,4 +1,4 @@
-"""Device-side, batched augmentation (Kornia) and intensity normalization.
+"""Device-side, batched augmentation (Kornia).
 
 The CPU loader hands over uint8 batches; everything here runs on the training device. Image and
 mask are stacked into one tensor so every geometric transform is applied to both with the same
@@ -12,64 +12,7 @@ import torch
 from torch import nn
 
 from brainseg_dist.config import AugmentConfig
-
-# Below this std (on a 0..1 scale) a slice channel is treated as flat, so near-empty slices at
-# the top and bottom of the head are not blown up into noise by the z-score.
-MIN_STD = 0.02
-
-
-def normalize_slices(images: torch.Tensor) -> torch.Tensor:
-    """Per-slice, per-channel z-score of a float ``N×C×H×W`` batch in [0, 1]."""
-    mean = images.mean(dim=(2, 3), keepdim=True)
-    std = images.std(dim=(2, 3), keepdim=True).clamp_min(MIN_STD)
-    return (images - mean) / std
-
-
-def normalize(images: torch.Tensor, mode: str = "slice",
-              volume_stats: torch.Tensor | None = None) -> torch.Tensor:
-    """Scale uint8 (or 0..255 float) images to float and normalize them.
-
-    Args:
-        images: ``N×3×H×W`` uint8 or float in [0, 255].
-        mode: ``"slice"`` (z-score each slice and channel) or ``"volume"`` (z-score with the
-            mean/std of the slice's whole patient volume, given in ``volume_stats``).
-        volume_stats: ``N×3×2`` (mean, std) per slice's patient on a 0..1 scale; volume mode.
-
-    Returns:
-        float32 ``N×3×H×W`` in the input's memory format.
-    """
-    x = images.float() / 255.0
-    if mode == "slice":
-        return normalize_slices(x)
-    if mode == "volume":
-        if volume_stats is None:
-            raise ValueError("volume normalization needs volume_stats")
-        mean = volume_stats[..., 0, None, None]
-        std = volume_stats[..., 1, None, None].clamp_min(MIN_STD)
-        return (x - mean) / std
-    raise ValueError(f"unknown normalization {mode!r}")
-
-
-def volume_statistics(images, patient_codes) -> torch.Tensor:
-    """Per-slice ``(mean, std)`` of its patient's volume, per channel, on a 0..1 scale.
-
-    Args:
-        images: ``N×3×H×W`` uint8 array or tensor (all slices).
-        patient_codes: ``N`` integer patient ids.
-
-    Returns:
-        ``N×3×2`` float32 tensor.
-    """
-    images = torch.as_tensor(images)
-    codes = torch.as_tensor(patient_codes)
-    out = torch.zeros(len(images), images.shape[1], 2)
-    for code in codes.unique():
-        sel = codes == code
-        vol = images[sel].float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
-        out[sel, :, 0] = vol.mean(1)
-        out[sel, :, 1] = vol.std(1)
-    return out
-
+from brainseg_dist.preprocess import to_unit
 
 class DeviceAugment(nn.Module):
     """Random rotation, flips, elastic deformation and optional intensity jitter on a batch.
@@ -108,7 +51,7 @@ class DeviceAugment(nn.Module):
         normalization; returns the input unchanged when off or in eval mode."""
         if self.gamma is None or not self.cfg.enabled or not self.training:
             return images
-        return self.gamma(images.float() / 255.0) * 255.0
+        return self.gamma(to_unit(images)) * 255.0
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor,

@@ -7,7 +7,7 @@ The exported module takes a batch of raw slices (uint8, or float on the 0..255 s
    the 256×256 slices), bilinear with antialiasing when a side must grow; the result is
    rounded to whole grey levels, as training rounded its area-resized uint8 slices;
 2. the training normalization: ``slice`` z-scores every slice and channel (std clamped at
-   :data:`brainseg_dist.augment.MIN_STD`); ``volume`` uses the mean/std of the whole input
+   :data:`brainseg_dist.preprocess.MIN_STD`); ``volume`` uses the mean/std of the whole input
    batch, so pass one patient's complete stack of slices as one batch (or call
    ``predict_with_stats`` with statistics from ``volume_stats``);
 3. the U-Net and a sigmoid;
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainseg_dist.augment import MIN_STD
+from brainseg_dist import preprocess
 from brainseg_dist.console import console, warn
 from brainseg_dist.data.synth import run_data_root
 from brainseg_dist.errors import BrainsegError
@@ -91,58 +91,26 @@ class SegmentationPipeline(nn.Module):
         self.normalization = str(normalization)
         self.threshold = float(threshold)
         self.config_hash = str(config_hash)
-        self.min_std = float(MIN_STD)
+        self.min_std = float(preprocess.MIN_STD)
         self.format_version = FORMAT_VERSION
-
-    def _shrink(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
-
-    def _grow(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                             align_corners=False, antialias=True)
-
-    def _resize_branch(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[2] >= self.image_size and x.shape[3] >= self.image_size:
-            return self._shrink(x)
-        return self._grow(x)
 
     @torch.jit.export
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``N×3×H×W`` uint8/float (0..255) -> float ``N×3×S×S`` on the 0..255 grey-level grid."""
-        x = x.float()
-        if torch.jit.is_scripting():
-            r = self._resize_branch(x)
-        elif torch.compiler.is_exporting():
-            # A Python `if` on symbolic H/W would pin the exported program to one branch;
-            # torch.cond keeps both so the program accepts any H×W.
-            pred = (x.shape[2] >= self.image_size) & (x.shape[3] >= self.image_size)
-            r = torch.cond(pred, self._shrink, self._grow, (x,))
-        else:
-            r = self._resize_branch(x)
-        # Training area-resized uint8 slices and rounded them back to uint8.
-        return r.round().clamp(0.0, 255.0)
+        return preprocess.resize(x, self.image_size)
 
     @torch.jit.export
     def volume_stats(self, resized: torch.Tensor) -> torch.Tensor:
-        """Per-channel ``(mean, std)`` (``3×2``, 0..1 scale) of a stack of prepared slices.
-
-        Same statistic as :func:`brainseg_dist.augment.volume_statistics` for one patient.
-        """
-        c = resized.shape[1]
-        vol = (resized / 255.0).transpose(0, 1).reshape(c, -1)
-        return torch.stack([vol.mean(1), vol.std(1)], dim=1)
+        """Per-channel ``(mean, std)`` (``3×2``, 0..1 scale) of a stack of prepared slices."""
+        return preprocess.volume_stats(preprocess.to_unit(resized))
 
     def _normalize(self, resized: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-        x = resized / 255.0
+        x = preprocess.to_unit(resized)
         if self.normalization == "volume":
             if stats is None:
-                stats = self.volume_stats(resized)
-            mean = stats[:, 0].reshape(1, -1, 1, 1)
-            std = stats[:, 1].reshape(1, -1, 1, 1).clamp_min(self.min_std)
-            return (x - mean) / std
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        std = x.std(dim=(2, 3), keepdim=True).clamp_min(self.min_std)
-        return (x - mean) / std
+                stats = preprocess.volume_stats(x)
+            return preprocess.zscore(x, stats, self.min_std)
+        return preprocess.zscore(x, None, self.min_std)
 
     def _probabilities(self, x: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[2], x.shape[3]

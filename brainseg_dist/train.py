@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import Sampler
 
-from brainseg_dist.augment import DeviceAugment, normalize, volume_statistics
+from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import Config, dump_config
 from brainseg_dist.console import console, progress
 from brainseg_dist.data import SliceData, load_dataset
@@ -41,6 +41,7 @@ from brainseg_dist.io import (
 )
 from brainseg_dist.metrics import bce_dice_loss, overlap_counts, summarize_dice
 from brainseg_dist.model import build_model
+from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 from brainseg_dist.rundir import load_resumable
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_dice", "val_dice_patient_mean",
@@ -258,7 +259,7 @@ class Trainer:
         if self.cfg.train.normalization != "volume":
             return None
         codes = data.table["patient"].factorize()[0]
-        return volume_statistics(data.images, codes).to(self.accelerator.device)
+        return volume_stats_by_patient(data.images, codes).to(self.accelerator.device)
 
     # ----------------------------------------------------------------- persistence
     def _checkpoint(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:

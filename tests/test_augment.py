@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from brainseg_dist.augment import DeviceAugment, normalize, volume_statistics
+from brainseg_dist.augment import DeviceAugment
+from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 from brainseg_dist.config import AugmentConfig
 
 
@@ -70,7 +71,7 @@ def test_flat_slice_is_not_blown_up():
 def test_volume_normalization_uses_patient_statistics():
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     codes = torch.tensor([0, 0, 0, 1, 1, 1])
-    stats = volume_statistics(images, codes)
+    stats = volume_stats_by_patient(images, codes)
     assert stats.shape == (6, 3, 2)
     x = normalize(images, "volume", stats)
     first = x[:3].transpose(0, 1).reshape(3, -1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from helpers import run_cli, unwrap
 
-from brainseg_dist.augment import normalize, volume_statistics
+from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 from brainseg_dist.data.decode import read_image, resize_image
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.export import (
@@ -120,7 +120,7 @@ def test_volume_normalization_pipeline(ckpt, native_slices):
     paths, x = native_slices
     vol = dataclasses.replace(ckpt, normalization="volume")
     small = torch.from_numpy(np.stack([resize_image(read_image(p), 128) for p in paths]))
-    stats = volume_statistics(small, np.zeros(len(small), int))
+    stats = volume_stats_by_patient(small, np.zeros(len(small), int))
     with torch.no_grad():
         expected = F.interpolate(torch.sigmoid(build_unet(ckpt)(normalize(small, "volume",
                                                                           stats))),

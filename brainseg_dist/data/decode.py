@@ -1,4 +1,5 @@
-"""Decode and validate one slice pair, and resize it to the training size as uint8."""
+"""Decode and validate one slice pair, and resize it to the training size as uint8
+(by :mod:`brainseg_dist.preprocess`, the one implementation of the rule)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-import torch.nn.functional as F
 
+from brainseg_dist import preprocess
 from brainseg_dist.errors import DataProblem
 
 
@@ -80,18 +81,14 @@ def read_pair(image_path: str | Path, mask_path: str | Path) -> tuple[np.ndarray
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Area-resize an H×W×3 uint8 image to 3×size×size uint8 (anti-aliased when shrinking)."""
+    """An H×W×3 uint8 image at the training size: 3×size×size uint8
+    (:func:`brainseg_dist.preprocess.resize`)."""
     chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    if chw.shape[1:] == (size, size):
-        return chw.numpy().copy()
-    out = F.interpolate(chw[None].float(), size=(size, size), mode="area")[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return preprocess.resize(chw[None], size)[0].to(torch.uint8).numpy()
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a 0/1 H×W mask to 1×size×size: area-average, then threshold at one half."""
+    """A 0/1 H×W mask at the training size: 1×size×size uint8 0/1
+    (:func:`brainseg_dist.preprocess.resize_mask`)."""
     t = torch.from_numpy(np.ascontiguousarray(mask))[None, None]
-    if t.shape[2:] == (size, size):
-        return t[0].numpy().copy()
-    out = F.interpolate(t.float(), size=(size, size), mode="area")[0]
-    return (out >= 0.5).to(torch.uint8).numpy()
+    return preprocess.resize_mask(t, size)[0].to(torch.uint8).numpy()
