@@ -52,7 +52,6 @@ from baseline import (
 )
 
 from brainseg_dist.augment import DeviceAugment
-from brainseg_dist.preprocess import normalize
 from brainseg_dist.config import AugmentConfig
 from brainseg_dist.console import console
 from brainseg_dist.data import SliceData, load_dataset
@@ -61,6 +60,7 @@ from brainseg_dist.data.synth import write_synthetic_dataset
 from brainseg_dist.io import atomic_write_json
 from brainseg_dist.metrics import bce_dice_loss
 from brainseg_dist.model import build_model
+from brainseg_dist.preprocess import normalize
 from brainseg_dist.train import resolve_mixed_precision
 
 SCHEMA_VERSION = 1

@@ -14,6 +14,7 @@ from torch import nn
 from brainseg_dist.config import AugmentConfig
 from brainseg_dist.preprocess import to_unit
 
+
 class DeviceAugment(nn.Module):
     """Random rotation, flips, elastic deformation and optional intensity jitter on a batch.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from brainseg_dist.augment import DeviceAugment
-from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 from brainseg_dist.config import AugmentConfig
+from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 
 
 def _batch(n=8, size=64):

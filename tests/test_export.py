@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from helpers import run_cli, unwrap
 
-from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 from brainseg_dist.data.decode import read_image, resize_image
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.export import (
@@ -31,6 +30,7 @@ from brainseg_dist.export import (
     quiet_jit_deprecation,
     script_pipeline,
 )
+from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 
 
 @pytest.fixture(scope="module")
