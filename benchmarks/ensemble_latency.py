@@ -49,8 +49,10 @@ def roundtrip(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
 
 
 def main() -> None:
+    from brainseg_dist.checkpoint import load as load_checkpoint
     from brainseg_dist.ensemble import build_ensemble
-    from brainseg_dist.export import load_checkpoint, quiet_jit_deprecation, script_pipeline
+    from brainseg_dist.export import script_pipeline
+    from brainseg_dist.pipeline import quiet_jit_deprecation
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cv_dir", type=Path)

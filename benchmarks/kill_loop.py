@@ -35,12 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from brainseg_dist.io import (  # noqa: E402
-    atomic_write_json,
-    is_temporary,
-    json_safe,
-    load_checkpoint_file,
-)
+from brainseg_dist.checkpoint import load_state  # noqa: E402
+from brainseg_dist.io import atomic_write_json, is_temporary, json_safe  # noqa: E402
 
 COMPARED = ("train_loss", "val_loss", "val_dice", "val_dice_patient_mean", "lr")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
@@ -77,7 +73,7 @@ def check_after_kill(out: Path) -> dict:
     states = {}
     for name in ("best.pt", "last.pt"):
         if (out / name).exists():
-            states[name] = load_checkpoint_file(out / name)  # weights_only=True
+            states[name] = load_state(out / name)  # weights_only=True
     rows = read_metrics(out / "metrics.jsonl")
     if "last.pt" not in states:
         assert not rows, "metrics.jsonl without last.pt"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from brainseg_dist import rundir
+from brainseg_dist.config import EvalSplit, MixedPrecision, Normalization, choices
 from brainseg_dist.console import console
 from brainseg_dist.errors import BrainsegError
 
@@ -99,7 +101,9 @@ def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: in
     if as_json:
         click.echo(dumps_strict(summary, indent=2))
     else:
-        _print_summary(summary)
+        from brainseg_dist.report import print_data_summary
+
+        print_data_summary(summary)
 
 
 def _dataset_figures(data, out: Path) -> list[Path]:
@@ -122,34 +126,6 @@ def _dataset_figures(data, out: Path) -> list[Path]:
     ]
 
 
-def _print_summary(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="Dataset summary", show_header=False)
-    for key in ("patients", "slices", "positive_slices", "negative_slices",
-                "patients_with_tumour"):
-        t.add_row(key.replace("_", " "), str(s[key]))
-    t.add_row("positive fraction", f"{s['positive_fraction']:.1%}")
-    spp = s["slices_per_patient"]
-    t.add_row("slices per patient", f"{spp['min']}–{spp['max']} (median {spp['median']:.0f})")
-    ts = s["tumour_pixels_per_positive_slice"]
-    t.add_row("tumour px / positive slice",
-              f"median {ts['median']:.0f}, p5–p95 {ts['p5']:.0f}–{ts['p95']:.0f}, "
-              f"max {ts['max']:.0f}")
-    for site, n in s["slices_per_site"].items():
-        t.add_row(f"site {site}", f"{n} slices, {s['patients_per_site'][site]} patients")
-    tm = s["timings"]
-    t.add_row("decode time", f"{tm['decode_seconds']:.2f} s "
-              f"({int(tm['patients_from_cache'])}/{int(tm['patients'])} patients from cache)")
-    if s["skipped_slices"]:
-        t.add_row("skipped", str(len(s["skipped_slices"])))
-    out = Console()
-    out.print(t)
-    for f in s.get("figures", []):
-        out.print(f"figure: {f}")
-
-
 TRAIN_OVERRIDES = {
     # option name: (config key, click type, help)
     "data_dir": ("data.data_dir", click.Path(file_okay=False), "Dataset root (kaggle_3m layout)."
@@ -161,9 +137,9 @@ TRAIN_OVERRIDES = {
     "lr": ("optim.lr", float, "Adam learning rate."),
     "image_size": ("data.image_size", int, "Training size S (S×S)."),
     "base_width": ("model.base_width", int, "U-Net channels at the first level."),
-    "mixed_precision": ("train.mixed_precision", click.Choice(["auto", "no", "bf16", "fp16"]),
+    "mixed_precision": ("train.mixed_precision", click.Choice(choices(MixedPrecision)),
                         "AMP mode (auto: accelerate config; bf16 on CUDA; off on CPU)."),
-    "normalization": ("train.normalization", click.Choice(["slice", "volume"]),
+    "normalization": ("train.normalization", click.Choice(choices(Normalization)),
                       "Intensity normalization."),
     "patience": ("train.patience", int, "Early-stopping patience in epochs (0: off)."),
     "stop_after_epoch": ("train.stop_after_epoch", int,
@@ -307,7 +283,8 @@ def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool |
     a figure. `brainseg export DIR` then writes the fold ensemble as one model.ts."""
     import torch
 
-    from brainseg_dist.cv import print_cv_summary, run_cv
+    from brainseg_dist.cv import run_cv
+    from brainseg_dist.report import print_cv_summary
 
     cfg = _config_from_options(config_path, set_pairs, cpu, skip_invalid, options)
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
@@ -315,7 +292,7 @@ def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool |
                     only_fold=only_fold, device=device)
     end_distributed()
     if result is not None:
-        print_cv_summary(result)
+        print_cv_summary(result.summary, result.out)
 
 
 main.add_command(cv_command)
@@ -324,7 +301,7 @@ main.add_command(cv_command)
 # ----------------------------------------------------------------------------- evaluation
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
+@click.option("--split", type=click.Choice(choices(EvalSplit)), default=None,
               help="Patients to evaluate: a part of the run's split.json, or all patients of "
                    "the root. Default: test on the run's own dataset, all with another "
                    "--data-dir.")
@@ -333,7 +310,7 @@ main.add_command(cv_command)
 @click.option("--tta", is_flag=True, help="Headline = flip test-time augmentation.")
 @click.option("--lcc", is_flag=True,
               help="Headline = largest 3D connected component per patient.")
-@click.option("--checkpoint", default="best.pt", show_default=True,
+@click.option("--checkpoint", default=rundir.BEST, show_default=True,
               help="Checkpoint file in RUN_DIR (or a path).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: RUN_DIR/eval_<split>].")
@@ -348,16 +325,17 @@ def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tt
 
     At native resolution: per-patient 3D Dice, slice-level metrics, HD95 and diagnosis, for
     the plain/TTA/LCC variants; writes per_patient.csv, summary.json and figures."""
-    from brainseg_dist.evaluate import evaluate_run, print_summary
+    from brainseg_dist.evaluate import evaluate_run
+    from brainseg_dist.report import print_eval_summary
 
     result = evaluate_run(run_dir, split=split, data_dir=data_dir, tta=tta, lcc=lcc,
                           checkpoint=checkpoint, out=out, batch_size=batch_size, device=device)
-    print_summary(result)
+    print_eval_summary(result.summary, result.out)
 
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--checkpoint", default="best.pt", show_default=True,
+@click.option("--checkpoint", default=rundir.BEST, show_default=True,
               help="Checkpoint file in RUN_DIR (or a path).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TorchScript file [default: RUN_DIR/model.ts]; model.pt2 goes next to it.")
@@ -373,14 +351,12 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
     model before it is written. RUN_DIR may be a `brainseg cv` directory: then the module
     averages the folds (with the post-processing chosen on their out-of-fold predictions,
     applied by its segment() method)."""
-    from brainseg_dist.cv import is_cv_dir
+    from brainseg_dist.export import export_ensemble, export_run
+    from brainseg_dist.rundir import is_cv_dir
 
     if is_cv_dir(run_dir):
-        from brainseg_dist.ensemble import export_ensemble
-
         export_ensemble(run_dir, out=out, tolerance=tolerance, pt2=not no_pt2)
         return
-    from brainseg_dist.export import export_run
 
     export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2)
 
@@ -403,10 +379,11 @@ def predict_command(model: Path, input_path: Path, out: Path, batch_size: int, d
 
     MODEL is model.ts or a run directory; INPUT a .tif slice, a patient folder or a
     kaggle_3m root. Writes masks, overlays and tumour-size CSVs to OUT."""
+    from brainseg_dist.export import export_run
     from brainseg_dist.predict import predict
 
     r = predict(model, input_path, out, batch_size=batch_size, device=device,
-                threshold=threshold, overlays=not no_overlays)
+                threshold=threshold, overlays=not no_overlays, export_missing=export_run)
     total = int(r.volume["tumour_pixels"].sum()) if len(r.volume) else 0
     console.print(f"{r.slices} slice(s) in {r.folders} folder(s) ({r.kind}) in "
                   f"{r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s); tumour pixels "

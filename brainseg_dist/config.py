@@ -18,11 +18,25 @@ import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from brainseg_dist.errors import ConfigError
+
+# The allowed values of every choice: the config's fields are typed with these, and the CLI
+# builds its click.Choice options from them (via :func:`choices`).
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Normalization = Literal["slice", "volume"]
+Schedule = Literal["cosine", "constant"]
+DiceMode = Literal["sample", "batch"]
+Select = Literal["best", "last"]
+EvalSplit = Literal["test", "val", "train", "all"]  # brainseg evaluate --split
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` type, e.g. ``choices(Normalization)``."""
+    return typing.get_args(literal)
 
 
 @dataclass
@@ -69,13 +83,13 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Schedule = "cosine"
     warmup_epochs: int = 1
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     # "sample": soft Dice per slice (smoothing 1), which charges an empty slice for any
     # probability mass; "batch": one soft Dice over the whole batch (nnU-Net's batch Dice).
-    dice: str = "sample"
+    dice: DiceMode = "sample"
     grad_clip: float = 0.0  # 0: off
 
 
@@ -84,8 +98,8 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 32  # per process: the global batch is batch_size × processes × accumulation
     grad_accumulation: int = 1
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 ("auto": accelerate config, off on CPU)
-    normalization: str = "slice"  # slice | volume
+    mixed_precision: MixedPrecision = "auto"  # "auto": accelerate config, off on CPU
+    normalization: Normalization = "slice"
     threshold: float = 0.5
     seed: int = 0
     output_dir: str = "runs/latest"
@@ -93,7 +107,7 @@ class TrainConfig:
     # Exponential moving average of the weights (per step, with a warm-up); 0: off. When on,
     # validation, best.pt/last.pt "model" and export use the averaged weights.
     ema_decay: float = 0.0
-    select: str = "best"  # best: epoch with the best val per-patient Dice | last: final epoch
+    select: Select = "best"  # best: epoch with the best val per-patient Dice | last: final
     stop_after_epoch: int = 0  # end this invocation after this epoch (then --resume); 0: off
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
@@ -123,15 +137,6 @@ class Config:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_CHOICES = {
-    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
-    ("train", "normalization"): ("slice", "volume"),
-    ("optim", "schedule"): ("cosine", "constant"),
-    ("optim", "dice"): ("sample", "batch"),
-    ("train", "select"): ("best", "last"),
-}
-
-
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation (int, float, bool, str, optional)."""
     if isinstance(value, datetime.date):  # YAML reads 2024-01-01 as a date
@@ -159,7 +164,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
+    if annotation is str or typing.get_origin(annotation) is Literal:  # choices: validate()
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -240,11 +245,13 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
     def where(message: str) -> str:
         return source(message) if callable(source) else source
 
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(config, section), key)
-        if value not in choices:
-            message = f"{section}.{key} must be one of {choices}, got {value!r}"
-            raise ConfigError(f"{where(message)}: {message}")
+    for section in fields(Config):
+        for key, hint in _section_types(type(getattr(config, section.name))).items():
+            allowed = choices(hint) if typing.get_origin(hint) is Literal else None
+            value = getattr(getattr(config, section.name), key)
+            if allowed is not None and value not in allowed:
+                message = f"{section.name}.{key} must be one of {allowed}, got {value!r}"
+                raise ConfigError(f"{where(message)}: {message}")
     checks = [
         (config.data.image_size >= 16 and config.data.image_size % 2 ** config.model.depth == 0,
          f"data.image_size must be >=16 and divisible by {2 ** config.model.depth}"),

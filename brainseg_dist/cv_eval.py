@@ -22,11 +22,13 @@ import pandas as pd
 import torch
 
 from brainseg_dist import postprocess as pp
+from brainseg_dist import rundir
 from brainseg_dist.console import console, progress
 from brainseg_dist.data.scan import list_slices
 from brainseg_dist.errors import BrainsegError, DatasetError
 from brainseg_dist.io import atomic_write_json, json_safe
-from brainseg_dist.metrics import hd95_per_slice, overlap_counts, slice_metrics
+from brainseg_dist.metrics import bootstrap_ci, hd95_per_slice, overlap_counts, slice_metrics
+from brainseg_dist.pipeline import from_checkpoint, patient_probabilities, read_folder
 
 VARIANTS = ("plain", "post-processed")
 PROTOCOL = (
@@ -39,41 +41,25 @@ PROTOCOL = (
     "patients. CI: percentile bootstrap of the mean over patients (10,000 resamples).")
 
 
-def patient_probabilities(pipeline: Any, rows: pd.DataFrame, normalization: str,
-                          batch_size: int, device: str
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A patient folder's native-resolution probabilities, plain and flipped, and its truth.
-
-    Returns:
-        ``(p_identity, p_flipped, truth)``, each ``D×H×W`` (float32, float32, bool).
-    """
-    from brainseg_dist.evaluate import _read_folder
-    from brainseg_dist.predict import predict_volume, volume_stats_of
-
-    images, masks, _ = _read_folder(rows, skip_invalid=False)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    stats = volume_stats_of(pipeline, [x], device) if normalization == "volume" else None
-    p_id = predict_volume(pipeline, x, batch_size, device, stats=stats)[:, 0]
-    p_flip = predict_volume(pipeline, x, batch_size, device, flip=True, stats=stats)[:, 0]
-    return p_id, p_flip, torch.from_numpy(masks).bool()
-
-
 def _fold_predictions(run: Path, rows_by_patient: dict[str, pd.DataFrame],
                       patients: list[str], batch_size: int, device: str
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    from brainseg_dist.export import build_pipeline, load_checkpoint
-
-    ckpt = load_checkpoint(run / "best.pt")
-    pipeline = build_pipeline(ckpt).to(device)
-    return {p: patient_probabilities(pipeline, rows_by_patient[p], ckpt.normalization,
-                                     batch_size, device) for p in patients}
+    """``{patient: (p_identity, p_flipped, truth)}`` by the fold's ``best.pt``, each ``D×H×W``
+    at native resolution (float32, float32, bool)."""
+    pipeline, ckpt = from_checkpoint(run / rundir.BEST)
+    pipeline = pipeline.to(device)
+    out = {}
+    for p in patients:
+        images, masks, _ = read_folder(rows_by_patient[p])
+        p_id, p_flip = patient_probabilities(pipeline, images, ckpt.normalization, batch_size,
+                                             device)
+        out[p] = (p_id, p_flip, torch.from_numpy(masks).bool())
+    return out
 
 
 def variant_metrics(dice: dict[str, float], counts: np.ndarray, hd95: np.ndarray,
                     seed: int = 0) -> dict[str, Any]:
     """Per-patient Dice summary with a bootstrap CI, and the slice-level metrics."""
-    from brainseg_dist.cv import bootstrap_ci
-
     d = np.array(list(dice.values()), dtype=np.float64)
     s = slice_metrics(counts, hd95)
     return {
@@ -104,9 +90,55 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
         ``(summary, per-patient table)``; also writes each fold's ``postprocessing.json``,
         ``ensemble_postprocessing.json`` and ``dice_per_patient.png``.
     """
-    from brainseg_dist.cv import ENSEMBLE_PP_FILE, PP_FILE, fold_dir
-
     t0 = time.perf_counter()
+    rows_by_patient = _rows_by_patient(plan)
+    settings = pp.candidates()
+    scores = _Scores()
+    oof_scores, folds_detail = [], []
+    with progress() as bar:
+        task = bar.add_task("evaluating folds", total=len(plan["splits"]), info="")
+        for split in plan["splits"]:
+            k, run = split["fold"], rundir.fold_dir(out, split["fold"])
+            preds = _fold_predictions(run, rows_by_patient, split["val"] + split["test"],
+                                      batch_size, device)
+            setting, val_after, val_before = _choose_on_validation(
+                run, k, split["val"], [preds[p] for p in split["val"]], settings)
+            test = [preds[p] for p in split["test"]]
+            oof_scores.append(pp.score_candidates(test, settings))
+            for p, pred in zip(split["test"], test, strict=True):
+                scores.add(p, k, pred, setting)
+            folds_detail.append({"fold": k, "train": split["train"], "val": split["val"],
+                                 "test": split["test"], "postprocessing": setting.describe(),
+                                 "val_dice_plain": val_before, "val_dice_chosen": val_after})
+            bar.update(task, advance=1, info=f"fold {k}: {setting.describe()}")
+    ensemble_setting = _choose_for_ensemble(out, oof_scores, settings)
+    variants = {name: variant_metrics(scores.dice[name], np.concatenate(scores.counts[name]),
+                                      np.concatenate(scores.hd[name]), plan["seed"])
+                for name in VARIANTS}
+    headline = variants["post-processed"]
+    summary = {
+        "protocol": PROTOCOL, "folds": plan["folds"], "patients": len(scores.rows),
+        "seed": plan["seed"], "val_fraction": plan["val_fraction"],
+        "data_dir": plan["data_dir"], "config_hash": plan["config_hash"],
+        "headline": "post-processed",
+        "dice_patient_mean": headline["dice_patient_mean"],
+        "dice_patient_median": headline["dice_patient_median"],
+        "dice_patient_ci95": headline["dice_patient_ci95"],
+        "variants": variants, "folds_detail": folds_detail,
+        "ensemble_postprocessing": ensemble_setting.describe(),
+        "seconds": time.perf_counter() - t0,
+    }
+    _figure(out, scores.dice["post-processed"], headline)
+    console.print(f"evaluated {len(scores.rows)} patients in {summary['seconds']:.0f} s")
+    return json_safe(summary), pd.DataFrame(scores.rows)
+
+
+def _rows_by_patient(plan: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """The slice table of the plan's dataset, by patient.
+
+    Raises:
+        DatasetError, BrainsegError: bad data, or patients of the plan missing.
+    """
     root = Path(plan["data_dir"])
     table, problems = list_slices(root)
     if problems:
@@ -118,74 +150,53 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
     if missing:
         raise BrainsegError(f"{root}: {len(missing)} patient(s) of the cross-validation plan "
                             f"are missing: {', '.join(missing[:5])}")
-    settings = pp.candidates()
-    chosen: dict[int, pp.PostProcessing] = {}
-    rows, counts, hd = [], {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
-    dice: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
-    oof_scores = []
-    folds_detail = []
-    with progress() as bar:
-        task = bar.add_task("evaluating folds", total=len(plan["splits"]), info="")
-        for split in plan["splits"]:
-            k, run = split["fold"], fold_dir(out, split["fold"])
-            preds = _fold_predictions(run, rows_by_patient, split["val"] + split["test"],
-                                      batch_size, device)
-            val_scores = pp.score_candidates([preds[p] for p in split["val"]], settings)
-            setting, val_after, val_before = pp.choose(val_scores, settings)
-            chosen[k] = setting
-            atomic_write_json(run / PP_FILE, {
-                **setting.to_dict(), "description": setting.describe(),
-                "chosen_on": f"inner validation patients of fold {k}: {split['val']}",
-                "val_dice_patient_mean": val_after, "val_dice_patient_mean_plain": val_before})
-            test = [preds[p] for p in split["test"]]
-            oof_scores.append(pp.score_candidates(test, settings))
-            for p, (p_id, p_flip, truth) in zip(split["test"], test, strict=True):
-                row = {"patient": p, "fold": k, "slices": len(truth),
-                       "gt_voxels": int(truth.sum())}
-                for name, s in (("plain", pp.PLAIN), ("post-processed", setting)):
-                    mask = s.masks(p_id, p_flip)
-                    c = overlap_counts(mask, truth).numpy()
-                    counts[name].append(c)
-                    hd[name].append(hd95_per_slice(mask, truth))
-                    dice[name][p] = pp.patient_dice(mask, truth)
-                    row[f"dice_{name}"] = dice[name][p]
-                rows.append(row)
-            folds_detail.append({"fold": k, "train": split["train"], "val": split["val"],
-                                 "test": split["test"], "postprocessing": setting.describe(),
-                                 "val_dice_plain": val_before, "val_dice_chosen": val_after})
-            bar.update(task, advance=1, info=f"fold {k}: {setting.describe()}")
-    ensemble_setting, oof_after, oof_before = pp.choose(np.concatenate(oof_scores, axis=1),
-                                                        settings)
-    atomic_write_json(out / ENSEMBLE_PP_FILE, {
-        **ensemble_setting.to_dict(), "description": ensemble_setting.describe(),
+    return rows_by_patient
+
+
+def _choose_on_validation(run: Path, k: int, patients: list[str], preds: list,
+                          settings: list[pp.PostProcessing]
+                          ) -> tuple[pp.PostProcessing, float, float]:
+    """The fold's post-processing, chosen on its inner validation patients and saved."""
+    setting, val_after, val_before = pp.choose(pp.score_candidates(preds, settings), settings)
+    atomic_write_json(run / rundir.FOLD_POSTPROCESSING, {
+        **setting.to_dict(), "description": setting.describe(),
+        "chosen_on": f"inner validation patients of fold {k}: {patients}",
+        "val_dice_patient_mean": val_after, "val_dice_patient_mean_plain": val_before})
+    return setting, val_after, val_before
+
+
+def _choose_for_ensemble(out: Path, oof_scores: list[np.ndarray],
+                         settings: list[pp.PostProcessing]) -> pp.PostProcessing:
+    """The fold ensemble's post-processing, chosen on all out-of-fold predictions, saved."""
+    setting, oof_after, oof_before = pp.choose(np.concatenate(oof_scores, axis=1), settings)
+    atomic_write_json(out / rundir.ENSEMBLE_POSTPROCESSING, {
+        **setting.to_dict(), "description": setting.describe(),
         "chosen_on": "out-of-fold predictions of all cross-validation patients (for the "
                      "fold ensemble only; no reported figure uses this choice)",
         "oof_dice_patient_mean": oof_after, "oof_dice_patient_mean_plain": oof_before})
-    variants = {name: variant_metrics(dice[name], np.concatenate(counts[name]),
-                                      np.concatenate(hd[name]), plan["seed"])
-                for name in VARIANTS}
-    headline = variants["post-processed"]
-    summary = {
-        "protocol": PROTOCOL,
-        "folds": plan["folds"],
-        "patients": len(rows),
-        "seed": plan["seed"],
-        "val_fraction": plan["val_fraction"],
-        "data_dir": plan["data_dir"],
-        "config_hash": plan["config_hash"],
-        "headline": "post-processed",
-        "dice_patient_mean": headline["dice_patient_mean"],
-        "dice_patient_median": headline["dice_patient_median"],
-        "dice_patient_ci95": headline["dice_patient_ci95"],
-        "variants": variants,
-        "folds_detail": folds_detail,
-        "ensemble_postprocessing": ensemble_setting.describe(),
-        "seconds": time.perf_counter() - t0,
-    }
-    per_patient = pd.DataFrame(rows)
-    _figure(out, dice["post-processed"], headline)
-    console.print(f"evaluated {len(rows)} patients in {summary['seconds']:.0f} s")
-    return json_safe(summary), per_patient
+    return setting
+
+
+class _Scores:
+    """Per-patient rows, and per-variant overlap counts, HD95 and Dice of the test patients."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.counts: dict[str, list] = {v: [] for v in VARIANTS}
+        self.hd: dict[str, list] = {v: [] for v in VARIANTS}
+        self.dice: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+
+    def add(self, patient: str, fold: int, pred: tuple, setting: pp.PostProcessing) -> None:
+        p_id, p_flip, truth = pred
+        row = {"patient": patient, "fold": fold, "slices": len(truth),
+               "gt_voxels": int(truth.sum())}
+        for name, s in (("plain", pp.PLAIN), ("post-processed", setting)):
+            mask = s.masks(p_id, p_flip)
+            self.counts[name].append(overlap_counts(mask, truth).numpy())
+            self.hd[name].append(hd95_per_slice(mask, truth))
+            self.dice[name][patient] = pp.patient_dice(mask, truth)
+            row[f"dice_{name}"] = self.dice[name][patient]
+        self.rows.append(row)
 
 
 def _figure(out: Path, dice: dict[str, float], metrics: dict[str, Any]) -> Path:

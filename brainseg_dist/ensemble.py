@@ -1,7 +1,7 @@
 """The K folds of a cross-validation as one exported model.
 
 :class:`FoldEnsemble` averages the folds' tumour probabilities (optionally with horizontal
-flip TTA) and hands them to :class:`~brainseg_dist.export.SegmentationPipeline` as logits, so
+flip TTA) and hands them to :class:`~brainseg_dist.pipeline.SegmentationPipeline` as logits, so
 the pipeline's resizing, normalization and sigmoid stay the single implementation.
 :class:`EnsemblePipeline` adds ``segment``: the post-processing chosen on the out-of-fold
 predictions (threshold, 3D components, 2D hole filling) inside the module, so a ``model.ts``
@@ -17,18 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainseg_dist.console import console
+from brainseg_dist import checkpoint, rundir
 from brainseg_dist.errors import BrainsegError
-from brainseg_dist.export import (
-    ExportError,
-    ExportResult,
+from brainseg_dist.pipeline import (
     SegmentationPipeline,
     build_unet,
-    load_checkpoint,
     metadata,
-    parity_inputs,
     quiet_jit_deprecation,
-    write_checked_exports,
 )
 from brainseg_dist.postprocess import PostProcessing, apply_masks
 
@@ -109,12 +104,11 @@ def build_ensemble(cv_dir: str | Path, trace: bool = False
     Raises:
         BrainsegError: unfinished folds, or folds trained with different settings.
     """
-    from brainseg_dist.cv import ENSEMBLE_PP_FILE, fold_dir, read_plan
-
     cv_dir = Path(cv_dir)
-    plan = read_plan(cv_dir)
-    setting = read_setting(cv_dir / ENSEMBLE_PP_FILE)
-    ckpts = [load_checkpoint(fold_dir(cv_dir, s["fold"]) / "best.pt") for s in plan["splits"]]
+    plan = rundir.read_plan(cv_dir)
+    setting = read_setting(cv_dir / rundir.ENSEMBLE_POSTPROCESSING)
+    ckpts = [checkpoint.load(rundir.fold_dir(cv_dir, s["fold"]) / rundir.BEST)
+             for s in plan["splits"]]
     first = ckpts[0]
     for c in ckpts[1:]:
         if (c.image_size, c.normalization, c.model_args) != (
@@ -143,39 +137,3 @@ def traced_ensemble(pipeline: EnsemblePipeline, setting: PostProcessing) -> Ense
         unets = [torch.jit.trace(u, example) for u in pipeline.unet.unets]
     return EnsemblePipeline(FoldEnsemble(unets, setting.tta), pipeline.image_size,
                             pipeline.normalization, setting, pipeline.config_hash).eval()
-
-
-def export_ensemble(cv_dir: str | Path, out: str | Path | None = None,
-                    tolerance: float = 1e-4, pt2: bool = True,
-                    verbose: bool = True) -> ExportResult:
-    """Write a CV directory's fold ensemble as ``model.ts`` (and ``model.pt2``), checked.
-
-    Besides the probability parity of :func:`~brainseg_dist.export.write_checked_exports`,
-    the scripted ``segment`` must give the eager masks exactly.
-
-    Raises:
-        ExportError: compilation failed or outputs differ.
-    """
-    cv_dir = Path(cv_dir)
-    out = Path(out) if out is not None else cv_dir / "model.ts"
-    eager, meta = build_ensemble(cv_dir)  # each fold's checkpoint is read once
-    setting = PostProcessing.from_dict(meta["ensemble"]["postprocessing"])
-    traced = traced_ensemble(eager, setting)
-    images, source = parity_inputs(cv_dir / "fold_0", meta["config"], 6)
-    try:
-        with quiet_jit_deprecation():
-            scripted = torch.jit.script(traced)
-    except Exception as exc:  # the TorchScript compiler raises its own frontend errors
-        raise ExportError(f"{cv_dir}: TorchScript compilation failed ({exc})") from exc
-    with torch.no_grad():
-        differing = int((eager.segment(images) != scripted.segment(images)).sum())
-    if differing:
-        raise ExportError(f"{out}: scripted segment() differs from the eager one in "
-                          f"{differing} pixels; not written")
-    meta["segment_parity"] = {"source": source, "mask_pixels_differing": differing}
-    res = write_checked_exports(eager, scripted, images, source, out, meta, tolerance, pt2,
-                                verbose)
-    if verbose:
-        console.print(f"fold ensemble of {meta['ensemble']['folds']} folds; post-processing: "
-                      f"{meta['ensemble']['postprocessing']['description']}")
-    return res

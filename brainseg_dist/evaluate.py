@@ -25,7 +25,6 @@ Outputs (``RUN_DIR/eval_<split>`` by default): ``per_patient.csv``, ``summary.js
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainseg_dist.console import console, progress, warn
-from brainseg_dist.cv import is_cv_dir
-from brainseg_dist.data.decode import SliceError, read_pair
+from brainseg_dist import rundir
+from brainseg_dist.checkpoint import Checkpoint
+from brainseg_dist.checkpoint import load as load_checkpoint
+from brainseg_dist.config import EvalSplit, choices
+from brainseg_dist.console import progress, warn
 from brainseg_dist.data.scan import list_slices
-from brainseg_dist.data.synth import run_data_root
 from brainseg_dist.ensemble import build_ensemble
-from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
-from brainseg_dist.export import build_pipeline, load_checkpoint
+from brainseg_dist.errors import BrainsegError, DatasetError
 from brainseg_dist.io import (
     atomic_write,
     atomic_write_bytes,
@@ -51,6 +50,7 @@ from brainseg_dist.io import (
     read_json,
 )
 from brainseg_dist.metrics import (
+    CONVENTIONS,
     dice_from_counts,
     hd95_per_slice,
     iou_from_counts,
@@ -60,29 +60,18 @@ from brainseg_dist.metrics import (
     patient_dice_summary,
     slice_metrics,
 )
-from brainseg_dist.predict import check_device, predict_volume, volume_stats_of
+from brainseg_dist.pipeline import (
+    check_device,
+    from_checkpoint,
+    patient_probabilities,
+    read_folder,
+)
+from brainseg_dist.rundir import data_root, eval_dir, existing_run_dir, is_cv_dir
 
 VARIANTS = ("plain", "tta", "lcc", "tta+lcc")
 POSTPROCESSED = "post-processed"  # a fold ensemble's chosen post-processing (model.segment)
-SPLITS = ("test", "val", "train", "all")
+SPLITS = choices(EvalSplit)
 OVERLAY_SLICES = 4
-
-CONVENTIONS = {
-    "dice": "per patient: 2|P∩G|/(|P|+|G|) over all the patient's slices at native "
-            "resolution; 1.0 when prediction and ground truth are both empty, 0.0 when "
-            "exactly one is empty",
-    "patient_dice": "mean, median and sample SD (ddof=1) over patients",
-    "dice_tumour_slices": "mean per-slice Dice over slices whose ground truth has tumour",
-    "fp_rate_empty_slices": "fraction of ground-truth-empty slices with any predicted pixel",
-    "pooled": "iou, precision, recall and dice sum pixel counts over all slices before "
-              "dividing; a ratio with a zero denominator is null",
-    "hd95": "pixels; per slice where both masks are non-empty (boundary = mask & ~eroded, "
-            "95th percentile of each directed distance set, max of the two); mean/median "
-            "over those slices, count in hd95_slices",
-    "diagnosis": "slice-level: tumour predicted = any predicted pixel; sensitivity, "
-                 "specificity, accuracy over slices",
-}
-
 
 def headline_name(tta: bool, lcc: bool) -> str:
     """Variant key for the options: ``plain``, ``tta``, ``lcc`` or ``tta+lcc``."""
@@ -108,7 +97,7 @@ def select_patients(table: pd.DataFrame, run_dir: Path, split: str, root: Path
     present = list(dict.fromkeys(table["patient"]))
     if split == "all":
         return present
-    path = run_dir / "split.json"
+    path = run_dir / rundir.SPLIT
     if not path.is_file():
         raise BrainsegError(f"{path}: not found; use --split all to evaluate every patient")
     parts = read_json(path, "split file")
@@ -145,31 +134,6 @@ class PatientResult:
     overlay: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_folder(rows: pd.DataFrame, skip_invalid: bool) -> tuple[np.ndarray, np.ndarray,
-                                                                    pd.DataFrame]:
-    """Native images ``N×H×W×3`` and masks ``N×H×W`` (0/1) of one patient folder."""
-    images, masks, keep, problems = [], [], [], []
-    for i, (ip, mp) in enumerate(zip(rows["image_path"], rows["mask_path"], strict=True)):
-        try:
-            image, mask = read_pair(ip, mp)
-        except SliceError as exc:
-            problems.append(exc.problem)
-            continue
-        images.append(image)
-        masks.append(mask)
-        keep.append(i)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        problems.append(DataProblem(Path(rows["image_path"].iloc[0]).parent,
-                                    f"slices of different sizes {sorted(shapes)}"))
-        images = []
-    if problems and (not skip_invalid or not images):
-        raise DatasetError(problems)
-    for p in problems:
-        warn(f"skipped {p}")
-    return np.stack(images), np.stack(masks), rows.iloc[keep]
-
-
 def _pick_overlay_slices(masks: np.ndarray, pred: np.ndarray, k: int) -> list[int]:
     """The ``k`` slices with the most tumour (truth plus prediction), in slice order."""
     area = masks.reshape(len(masks), -1).sum(1) + pred.reshape(len(pred), -1).sum(1)
@@ -183,7 +147,8 @@ def evaluate_folder(pipeline: Any, rows: pd.DataFrame, threshold: float, normali
     """Predict one patient folder (identity and flipped) and score all four variants.
 
     Args:
-        pipeline: the eager :class:`~brainseg_dist.export.SegmentationPipeline` on ``device``.
+        pipeline: the eager :class:`~brainseg_dist.pipeline.SegmentationPipeline` on
+            ``device``.
         rows: the folder's rows of the slice table, in slice order.
         threshold: probability threshold.
         normalization: ``slice`` or ``volume`` (statistics of the whole folder).
@@ -195,18 +160,16 @@ def evaluate_folder(pipeline: Any, rows: pd.DataFrame, threshold: float, normali
     Returns:
         :class:`PatientResult` with overlap counts and HD95 per slice and variant.
     """
-    images, masks, rows = _read_folder(rows, skip_invalid)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    stats = volume_stats_of(pipeline, [x], device) if normalization == "volume" else None
-    p_id = predict_volume(pipeline, x, batch_size, device, stats=stats)
-    p_flip = predict_volume(pipeline, x, batch_size, device, flip=True, stats=stats)
+    images, masks, rows = read_folder(rows, skip_invalid)
+    p_id, p_flip = patient_probabilities(pipeline, images, normalization, batch_size, device)
     target = torch.from_numpy(masks).bool()
-    preds = {"plain": p_id[:, 0] > threshold, "tta": (p_id[:, 0] + p_flip[:, 0]) / 2 > threshold}
+    preds = {"plain": p_id > threshold, "tta": (p_id + p_flip) / 2 > threshold}
     preds["lcc"] = largest_component_3d(preds["plain"])
     preds["tta+lcc"] = largest_component_3d(preds["tta"])
     if hasattr(pipeline, "segment"):  # a fold ensemble: its own post-processing, in-module
         with torch.no_grad():
-            preds[POSTPROCESSED] = pipeline.segment(x.to(device))[:, 0].bool().cpu()
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+            preds[POSTPROCESSED] = pipeline.segment(x)[:, 0].bool().cpu()
     counts = {k: overlap_counts(v, target).numpy() for k, v in preds.items()}
     hd = {k: hd95_per_slice(v, target) for k, v in preds.items()}
     pick = _pick_overlay_slices(masks, preds[headline].numpy(), OVERLAY_SLICES)
@@ -276,7 +239,7 @@ class EvalResult:
 
 def evaluate_run(run_dir: str | Path, split: str | None = None,
                  data_dir: str | Path | None = None, tta: bool = False, lcc: bool = False,
-                 checkpoint: str | Path = "best.pt", out: str | Path | None = None,
+                 checkpoint: str | Path = rundir.BEST, out: str | Path | None = None,
                  batch_size: int = 16, device: str = "cpu", show_progress: bool = True,
                  figures: bool = True) -> EvalResult:
     """Evaluate a run's checkpoint and write per-patient and summary metrics plus figures.
@@ -302,24 +265,43 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
         BrainsegError: missing run files, unknown split, no patients, bad data (named).
     """
     t0 = time.perf_counter()
-    from brainseg_dist.rundir import existing_run_dir
-
     run_dir = existing_run_dir(run_dir)
-    check_device(device)
-    if batch_size < 1:
-        raise BrainsegError(f"--batch-size {batch_size}: must be >= 1")
-    ensemble = is_cv_dir(run_dir)
-    if ensemble:  # every CV patient trained some fold: evaluate the ensemble on new patients
-        pipeline, meta = build_ensemble(run_dir)
-        ckpt = load_checkpoint(Path(meta["ensemble"]["checkpoints"][0]))
-    else:
-        # The run's own checkpoint first; a path that exists as given otherwise.
-        ckpt_path = (run_dir / checkpoint if (run_dir / checkpoint).is_file()
-                     else Path(checkpoint))
-        ckpt = load_checkpoint(ckpt_path)
-        pipeline = build_pipeline(ckpt)
-    cfg = ckpt.state.get("config") or {}
-    run_root = run_data_root(run_dir, (cfg.get("data") or {}).get("data_dir"))
+    check_device(device, batch_size)
+    pipeline, ckpt, ensemble = _load(run_dir, checkpoint)
+    root, split = _root_and_split(run_dir, ckpt, data_dir, split, ensemble)
+    skip_invalid = ckpt.config.data.skip_invalid
+    table = _patient_table(root, run_dir, split, skip_invalid)
+    headline = POSTPROCESSED if ensemble else headline_name(tta, lcc)
+    out = Path(out) if out is not None else eval_dir(run_dir, split)
+    check_writable(out, "evaluation output folder (--out)")  # before any slice is decoded
+
+    results = _score_patients(pipeline.to(device), table, ckpt.normalization, headline,
+                              batch_size, device, skip_invalid, show_progress)
+    variants = {v: summarize_variant(results, v) for v in results[0].counts}
+    per_patient = per_patient_table(results, headline)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "per_patient.csv", lambda p: per_patient.to_csv(p, index=False))
+    written = _figures(results, per_patient, variants[headline], run_dir, out, split,
+                       headline) if figures else []
+    summary = {
+        "run_dir": str(run_dir), "checkpoint": str(ckpt.path),
+        "checkpoint_epoch": ckpt.epoch, "config_hash": ckpt.config_hash,
+        "data_dir": str(root), "split": split, "patients": len(per_patient),
+        "slices": int(sum(r.slices for r in results)), "threshold": pipeline.threshold,
+        "image_size": ckpt.image_size, "normalization": ckpt.normalization,
+        "resolution": "native (masks as stored; probabilities resized to native size)",
+        "headline": headline, "headline_metrics": variants[headline]["patient_dice"],
+        "variants": variants, "conventions": CONVENTIONS,
+        "figures": [p.name for p in written], "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(out / "summary.json", summary)  # strict JSON: NaN becomes null
+    return EvalResult(out, summary, per_patient, written)
+
+
+def _root_and_split(run_dir: Path, ckpt: Checkpoint, data_dir: str | Path | None,
+                    split: str | None, ensemble: bool) -> tuple[Path, str]:
+    """The dataset root and the part of it to evaluate (see :func:`evaluate_run`)."""
+    run_root = data_root(run_dir, ckpt.config.data.data_dir)
     root = Path(data_dir) if data_dir is not None else run_root
     own_root = _same_path(root, run_root)
     split = split or ("test" if own_root and not ensemble else "all")
@@ -328,55 +310,45 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
              "these figures are not on unseen patients")
     if split not in SPLITS:
         raise BrainsegError(f"--split {split}: expected one of {', '.join(SPLITS)}")
-    table, problems = list_slices(root)
-    skip_invalid = bool((cfg.get("data") or {}).get("skip_invalid", False))
-    if problems and (not skip_invalid or not len(table)):
-        raise DatasetError(problems, root)
-    patients = select_patients(table, run_dir, split, root)
-    table = table[table["patient"].isin(set(patients))]
-    headline = POSTPROCESSED if ensemble else headline_name(tta, lcc)
-    out = Path(out) if out is not None else run_dir / f"eval_{split}"
-    check_writable(out, "evaluation output folder (--out)")  # before any slice is decoded
+    return root, split
 
-    pipeline = pipeline.to(device)
+
+def _score_patients(pipeline: Any, table: pd.DataFrame, normalization: str, headline: str,
+                    batch_size: int, device: str, skip_invalid: bool,
+                    show_progress: bool) -> list[PatientResult]:
+    """:func:`evaluate_folder` of every patient folder in ``table``, with a progress bar."""
     results: list[PatientResult] = []
     with progress(disable=not show_progress) as bar:
         task = bar.add_task("evaluating", total=table["folder"].nunique(), info="")
         for _folder, rows in table.groupby("folder", sort=False):
-            r = evaluate_folder(pipeline, rows, pipeline.threshold, ckpt.normalization, headline,
+            r = evaluate_folder(pipeline, rows, pipeline.threshold, normalization, headline,
                                 batch_size, device, skip_invalid)
             results.append(r)
             d = dice_from_counts(*r.counts[headline].sum(0))
             bar.update(task, advance=1, info=f"{r.patient} Dice {float(d):.3f}")
+    return results
 
-    variants = {v: summarize_variant(results, v) for v in results[0].counts}
-    per_patient = per_patient_table(results, headline)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "per_patient.csv", lambda p: per_patient.to_csv(p, index=False))
-    written = _figures(results, per_patient, variants[headline], run_dir, out, split,
-                       headline) if figures else []
-    summary = {
-        "run_dir": str(run_dir),
-        "checkpoint": str(ckpt.path),
-        "checkpoint_epoch": ckpt.epoch,
-        "config_hash": ckpt.config_hash,
-        "data_dir": str(root),
-        "split": split,
-        "patients": len(per_patient),
-        "slices": int(sum(r.slices for r in results)),
-        "threshold": pipeline.threshold,
-        "image_size": ckpt.image_size,
-        "normalization": ckpt.normalization,
-        "resolution": "native (masks as stored; probabilities resized to native size)",
-        "headline": headline,
-        "headline_metrics": variants[headline]["patient_dice"],
-        "variants": variants,
-        "conventions": CONVENTIONS,
-        "figures": [p.name for p in written],
-        "seconds": time.perf_counter() - t0,
-    }
-    atomic_write_json(out / "summary.json", summary)  # strict JSON: NaN becomes null
-    return EvalResult(out, summary, per_patient, written)
+
+def _load(run_dir: Path, checkpoint: str | Path) -> tuple[Any, Checkpoint, bool]:
+    """``(pipeline, checkpoint, is_ensemble)``: a CV directory's fold ensemble (every CV
+    patient trained some fold: it is evaluated on new patients), else the run's checkpoint
+    (the run's own file first; a path that exists as given otherwise)."""
+    if is_cv_dir(run_dir):
+        pipeline, meta = build_ensemble(run_dir)
+        return pipeline, load_checkpoint(Path(meta["ensemble"]["checkpoints"][0])), True
+    path = run_dir / checkpoint if (run_dir / checkpoint).is_file() else Path(checkpoint)
+    pipeline, ckpt = from_checkpoint(path)
+    return pipeline, ckpt, False
+
+
+def _patient_table(root: Path, run_dir: Path, split: str, skip_invalid: bool
+                   ) -> pd.DataFrame:
+    """The slice table of the patients to evaluate."""
+    table, problems = list_slices(root)
+    if problems and (not skip_invalid or not len(table)):
+        raise DatasetError(problems, root)
+    patients = select_patients(table, run_dir, split, root)
+    return table[table["patient"].isin(set(patients))]
 
 
 def _figures(results: list[PatientResult], per_patient: pd.DataFrame,
@@ -406,48 +378,10 @@ def _figures(results: list[PatientResult], per_patient: pd.DataFrame,
             ov["images"], ov["masks"], ov["preds"], [f"slice {n}" for n in ov["slices"]],
             path, f"{label}: {r.folder}, 3D Dice {dice[patient]:.3f} ({headline})")
         written.append(drawn[patient])
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / rundir.METRICS
     if metrics.is_file() and metrics.stat().st_size > 0:
         try:
             written.append(viz.training_curves(metrics, out / "training_curves.png"))
         except BrainsegError as exc:  # the curves are a side figure: the scores still count
             warn(f"{exc}; training_curves.png not drawn")
     return written
-
-
-def print_summary(result: EvalResult) -> None:
-    """A rich table of the headline metrics of every variant (headline marked)."""
-    from rich.table import Table
-
-    s = result.summary
-    t = Table(title=f"{s['split']}: {s['patients']} patients, {s['slices']} slices "
-                    f"({Path(s['checkpoint']).name}, threshold {s['threshold']:g})")
-    t.add_column("metric")
-    for v in s["variants"]:
-        t.add_column(v + (" *" if v == s["headline"] else ""), justify="right")
-
-    def fmt(x: Any, digits: int = 3) -> str:
-        return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) \
-            else f"{x:.{digits}f}"
-
-    rows = [
-        ("patient Dice mean ± SD", lambda m: f"{fmt(m['patient_dice']['mean'])} ± "
-                                             f"{fmt(m['patient_dice']['sd'])}"),
-        ("patient Dice median", lambda m: fmt(m["patient_dice"]["median"])),
-        ("Dice, tumour slices", lambda m: fmt(m["slice"]["dice_tumour_slices"])),
-        ("FP rate, empty slices", lambda m: fmt(m["slice"]["fp_rate_empty_slices"])),
-        ("IoU (pooled)", lambda m: fmt(m["slice"]["iou"])),
-        ("precision / recall", lambda m: f"{fmt(m['slice']['precision'])} / "
-                                         f"{fmt(m['slice']['recall'])}"),
-        ("HD95 px mean (slices)", lambda m: f"{fmt(m['slice']['hd95_mean'], 1)} "
-                                            f"({m['slice']['hd95_slices']})"),
-        ("sensitivity / specificity", lambda m: f"{fmt(m['diagnosis']['sensitivity'])} / "
-                                                f"{fmt(m['diagnosis']['specificity'])}"),
-        ("slice accuracy", lambda m: fmt(m["diagnosis"]["accuracy"])),
-    ]
-    for name, f in rows:
-        t.add_row(name, *(f(s["variants"][v]) for v in s["variants"]))
-    console.print(t)
-    console.print(f"headline ({s['headline']}): per-patient Dice "
-                  f"{fmt(s['headline_metrics']['mean'])} ± {fmt(s['headline_metrics']['sd'])}"
-                  f"; outputs in {result.out}", highlight=False)

@@ -1,31 +1,17 @@
-"""Export a trained run as one end-to-end module: TorchScript ``model.ts`` and ``model.pt2``.
+"""``brainseg export``: a trained run (or a cross-validation's fold ensemble) as one
+end-to-end module, TorchScript ``model.ts`` and ``torch.export`` ``model.pt2``.
 
-The exported module takes a batch of raw slices (uint8, or float on the 0..255 scale),
-``N×3×H×W`` at any ``H×W``, and returns tumour probabilities ``N×1×H×W`` (float32):
-
-1. resize to the training size ``S×S``: area averaging when shrinking (what training did to
-   the 256×256 slices), bilinear with antialiasing when a side must grow; the result is
-   rounded to whole grey levels, as training rounded its area-resized uint8 slices;
-2. the training normalization: ``slice`` z-scores every slice and channel (std clamped at
-   :data:`brainseg_dist.preprocess.MIN_STD`); ``volume`` uses the mean/std of the whole input
-   batch, so pass one patient's complete stack of slices as one batch (or call
-   ``predict_with_stats`` with statistics from ``volume_stats``);
-3. the U-Net and a sigmoid;
-4. bilinear resize of the probabilities back to ``H×W``.
-
-Threshold the output at the module's ``threshold`` attribute for a mask. The TorchScript file
-needs only ``torch`` to load; its metadata is stored both as module attributes and as the extra
-file ``metadata.json``.
+The module is :class:`brainseg_dist.pipeline.SegmentationPipeline` (raw slices in,
+probabilities out; see :mod:`brainseg_dist.pipeline`), with the U-Net traced and the rest
+scripted. Before anything is written, the scripted module is compared with the eager one on
+slices of the run's own dataset (uint8, float, odd sizes); the file written is loaded back and
+checked again. The TorchScript file needs only ``torch`` to load; its metadata is stored both
+as module attributes and as the extra file ``metadata.json``.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,151 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainseg_dist import preprocess
+from brainseg_dist import rundir
+from brainseg_dist.checkpoint import Checkpoint
+from brainseg_dist.checkpoint import load as load_checkpoint
 from brainseg_dist.console import console, warn
-from brainseg_dist.data.synth import run_data_root
+from brainseg_dist.ensemble import build_ensemble, traced_ensemble
 from brainseg_dist.errors import BrainsegError
-from brainseg_dist.io import atomic_write, check_writable, dumps_strict, load_checkpoint_file
-from brainseg_dist.model import build_model
-
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
-# torch 2.13 deprecates TorchScript; every torch.jit entry point warns with
-# DeprecationWarning "`torch.jit.<name>` is deprecated. Please switch to `torch.compile` or
-# `torch.export`." We keep TorchScript on purpose (a model.ts loads with torch alone, from
-# Python or C++), so exactly that warning is silenced around our own jit calls.
-JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
-
-
-@contextmanager
-def quiet_jit_deprecation() -> Iterator[None]:
-    """Silence only torch's TorchScript deprecation warning inside the ``with`` block."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
-        yield
+from brainseg_dist.io import atomic_write, check_writable, dumps_strict
+from brainseg_dist.pipeline import (
+    METADATA_FILE,
+    SegmentationPipeline,
+    build_pipeline,
+    build_unet,
+    load_torchscript,
+    metadata,
+    quiet_jit_deprecation,
+)
+from brainseg_dist.postprocess import PostProcessing
 
 
 class ExportError(BrainsegError):
     """Export failed, or the exported module disagrees with the eager one."""
-
-
-class SegmentationPipeline(nn.Module):
-    """Raw slices in, tumour probabilities out: resize, normalize, U-Net, sigmoid, resize back.
-
-    Scriptable (TorchScript) and exportable (``torch.export``) with the same code; the
-    typed attributes travel with the scripted module as metadata.
-
-    Args:
-        unet: the trained U-Net in eval mode (eager, or traced for TorchScript).
-        image_size: training size S.
-        normalization: ``"slice"`` or ``"volume"``.
-        threshold: probability threshold used in training and evaluation.
-        config_hash: :meth:`brainseg_dist.config.Config.hash` of the run.
-    """
-
-    # Attribute types (int, str, float) are inferred by TorchScript from the values set in
-    # __init__; class-level annotations would be strings here (postponed evaluation), which
-    # the TorchScript compiler rejects.
-
-    def __init__(self, unet: nn.Module, image_size: int, normalization: str, threshold: float,
-                 config_hash: str):
-        super().__init__()
-        if normalization not in ("slice", "volume"):
-            raise ValueError(f"unknown normalization {normalization!r}")
-        self.unet = unet
-        self.image_size = int(image_size)
-        self.normalization = str(normalization)
-        self.threshold = float(threshold)
-        self.config_hash = str(config_hash)
-        self.min_std = float(preprocess.MIN_STD)
-        self.format_version = FORMAT_VERSION
-
-    @torch.jit.export
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``N×3×H×W`` uint8/float (0..255) -> float ``N×3×S×S`` on the 0..255 grey-level grid."""
-        return preprocess.resize(x, self.image_size)
-
-    @torch.jit.export
-    def volume_stats(self, resized: torch.Tensor) -> torch.Tensor:
-        """Per-channel ``(mean, std)`` (``3×2``, 0..1 scale) of a stack of prepared slices."""
-        return preprocess.volume_stats(preprocess.to_unit(resized))
-
-    def _normalize(self, resized: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-        x = preprocess.to_unit(resized)
-        if self.normalization == "volume":
-            if stats is None:
-                stats = preprocess.volume_stats(x)
-            return preprocess.zscore(x, stats, self.min_std)
-        return preprocess.zscore(x, None, self.min_std)
-
-    def _probabilities(self, x: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-        h, w = x.shape[2], x.shape[3]
-        z = self._normalize(self.prepare(x), stats)
-        probs = torch.sigmoid(self.unet(z).float())
-        return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-
-    @torch.jit.export
-    def predict_with_stats(self, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-        """Probabilities with given volume statistics (``3×2``; ignored for ``slice``)."""
-        return self._probabilities(x, stats)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``N×3×H×W`` uint8/float (0..255) -> probabilities ``N×1×H×W`` float32."""
-        return self._probabilities(x, None)
-
-
-@dataclass
-class Checkpoint:
-    """A loaded training checkpoint and what the pipeline needs from it."""
-
-    path: Path
-    state: dict[str, Any]
-    image_size: int
-    normalization: str
-    threshold: float
-    config_hash: str
-    model_args: dict[str, int]
-    epoch: int | None = None
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ``best.pt``/``last.pt`` written by training.
-
-    Raises:
-        BrainsegError: missing file, unreadable file or missing keys (named in the message).
-    """
-    path = Path(path)
-    state = load_checkpoint_file(path)  # weights_only=True: opening it cannot run code
-    missing = [k for k in ("model", "model_args", "image_size", "normalization", "threshold")
-               if k not in state]
-    if missing:
-        raise BrainsegError(f"{path}: not a brainseg checkpoint (missing {', '.join(missing)})")
-    try:
-        return Checkpoint(path, state, int(state["image_size"]), str(state["normalization"]),
-                          float(state["threshold"]), str(state.get("config_hash", "")),
-                          {k: int(state["model_args"][k]) for k in ("base_width", "depth")},
-                          state.get("epoch"))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise BrainsegError(f"{path}: not a brainseg checkpoint (bad metadata: "
-                            f"{type(exc).__name__}: {exc})") from None
-
-
-def build_unet(ckpt: Checkpoint) -> nn.Module:
-    """The checkpoint's U-Net in eval mode, contiguous memory format, on the CPU."""
-    unet = build_model(ckpt.model_args["base_width"], ckpt.model_args["depth"],
-                       channels_last=False)
-    try:
-        unet.load_state_dict(ckpt.state["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise BrainsegError(f"{ckpt.path}: weights do not fit the U-Net its metadata describes "
-                            f"({str(exc).strip().splitlines()[0]})") from None
-    return unet.eval()
-
-
-def build_pipeline(ckpt: Checkpoint) -> SegmentationPipeline:
-    """The eager end-to-end pipeline of a checkpoint (eval mode, CPU)."""
-    return SegmentationPipeline(build_unet(ckpt), ckpt.image_size, ckpt.normalization,
-                                ckpt.threshold, ckpt.config_hash).eval()
 
 
 def script_pipeline(ckpt: Checkpoint) -> torch.jit.ScriptModule:
@@ -198,68 +60,6 @@ def script_pipeline(ckpt: Checkpoint) -> torch.jit.ScriptModule:
         return torch.jit.script(pipeline)
 
 
-def metadata(ckpt: Checkpoint, **extra: Any) -> dict[str, Any]:
-    """The metadata stored in ``model.ts`` (``metadata.json``) and ``model.pt2``."""
-    cfg = ckpt.state.get("config") or {}
-    return {
-        "format_version": FORMAT_VERSION,
-        "threshold": ckpt.threshold,
-        "image_size": ckpt.image_size,
-        "normalization": ckpt.normalization,
-        "config_hash": ckpt.config_hash,
-        "model_args": ckpt.model_args,
-        "checkpoint": str(ckpt.path),
-        "checkpoint_epoch": ckpt.epoch,
-        "input": "N×3×H×W uint8 or float in [0, 255] (pre-contrast, FLAIR, post-contrast), "
-                 "any H×W",
-        "output": "N×1×H×W float32 tumour probabilities; mask = probabilities > threshold",
-        "volume_normalization": ("statistics of the whole input batch: pass one patient's "
-                                 "full stack as one batch") if ckpt.normalization == "volume"
-        else None,
-        "config": cfg,
-        "torch_version": torch.__version__,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **extra,
-    }
-
-
-def load_torchscript(path: str | Path, device: str | torch.device = "cpu"
-                     ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load ``model.ts`` and its ``metadata.json``.
-
-    Raises:
-        BrainsegError: missing or unreadable file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BrainsegError(f"{path}: model file not found")
-    files = {METADATA_FILE: ""}
-    try:
-        with quiet_jit_deprecation():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=files)
-    except Exception as exc:  # torch raises RuntimeError and others for bad archives
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BrainsegError(f"{path}: not a loadable TorchScript model ({first})") from None
-    raw = files[METADATA_FILE]
-    try:
-        meta = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BrainsegError(f"{path}: damaged {METADATA_FILE} inside the model ({exc})"
-                            ) from None
-    missing = [name for name in ("prepare", "volume_stats", "predict_with_stats", "threshold",
-                                 "normalization", "image_size") if not hasattr(module, name)]
-    if missing:
-        raise BrainsegError(f"{path}: a TorchScript model, but not a brainseg segmentation "
-                            f"model (lacks {', '.join(missing)}); export one with "
-                            "`brainseg export RUN_DIR`")
-    version = getattr(module, "format_version", FORMAT_VERSION)
-    if not isinstance(meta, dict) or int(version) > FORMAT_VERSION:
-        raise BrainsegError(f"{path}: model format version {version} is newer than this "
-                            f"brainseg reads ({FORMAT_VERSION}); update brainseg-dist")
-    return module.eval(), meta
-
-
-# ----------------------------------------------------------------------------- parity inputs
 def parity_inputs(run_dir: Path, cfg: dict[str, Any], count: int = 8
                   ) -> tuple[torch.Tensor, str]:
     """Native slices from the run's dataset for the parity check (uint8 ``N×3×H×W``).
@@ -273,7 +73,7 @@ def parity_inputs(run_dir: Path, cfg: dict[str, Any], count: int = 8
     from brainseg_dist.data.decode import SliceError, read_image
     from brainseg_dist.data.scan import list_slices
 
-    root = run_data_root(run_dir, (cfg.get("data") or {}).get("data_dir"))
+    root = rundir.data_root(run_dir, (cfg.get("data") or {}).get("data_dir"))
     table, _ = list_slices(root) if root.is_dir() else (None, [])
     if table is not None and len(table):
         tumour = np.array([Path(p).stat().st_size for p in table["mask_path"]])
@@ -365,7 +165,7 @@ def _export_program(pipeline: SegmentationPipeline, example: torch.Tensor
     raise ExportError("torch.export failed: " + "; ".join(errors))
 
 
-def export_run(run_dir: str | Path, checkpoint: str | Path = "best.pt",
+def export_run(run_dir: str | Path, checkpoint: str | Path = rundir.BEST,
                out: str | Path | None = None, tolerance: float = 1e-4, pt2: bool = True,
                parity_count: int = 6, verbose: bool = True) -> ExportResult:
     """Export a run's checkpoint to ``model.ts`` (TorchScript) and ``model.pt2`` (torch.export).
@@ -392,18 +192,16 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = "best.pt",
         ExportError: scripting failed or parity is worse than ``tolerance``.
         BrainsegError: missing run directory or checkpoint.
     """
-    from brainseg_dist.rundir import existing_run_dir
-
-    run_dir = existing_run_dir(run_dir)
+    run_dir = rundir.existing_run_dir(run_dir)
     # The run's own checkpoint first; a path that exists as given otherwise.
     ckpt_path = run_dir / checkpoint if (run_dir / checkpoint).is_file() else Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    out = Path(out) if out is not None else run_dir / "model.ts"
+    out = Path(out) if out is not None else run_dir / rundir.TORCHSCRIPT
     if out.is_dir():
         raise BrainsegError(f"{out}: --out is a folder; give the TorchScript file name")
     check_writable(out.parent, "folder of --out")  # before the slow scripting and parity
     eager = build_pipeline(ckpt)
-    images, source = parity_inputs(run_dir, ckpt.state.get("config") or {}, parity_count)
+    images, source = parity_inputs(run_dir, ckpt.config.to_dict(), parity_count)
     try:
         scripted = script_pipeline(ckpt)
     except Exception as exc:  # the TorchScript compiler raises its own frontend errors
@@ -502,3 +300,39 @@ def _write_pt2(res: ExportResult, eager: SegmentationPipeline, images: torch.Ten
     if verbose:
         console.print(f"wrote {path}: torch.export program, {dynamic} dynamic shapes, "
                       f"uint8 input, max |Δp| vs eager {state['diff']:.2e}")
+
+
+def export_ensemble(cv_dir: str | Path, out: str | Path | None = None,
+                    tolerance: float = 1e-4, pt2: bool = True,
+                    verbose: bool = True) -> ExportResult:
+    """Write a CV directory's fold ensemble as ``model.ts`` (and ``model.pt2``), checked.
+
+    Besides the probability parity of :func:`~brainseg_dist.export.write_checked_exports`,
+    the scripted ``segment`` must give the eager masks exactly.
+
+    Raises:
+        ExportError: compilation failed or outputs differ.
+    """
+    cv_dir = Path(cv_dir)
+    out = Path(out) if out is not None else cv_dir / rundir.TORCHSCRIPT
+    eager, meta = build_ensemble(cv_dir)  # each fold's checkpoint is read once
+    setting = PostProcessing.from_dict(meta["ensemble"]["postprocessing"])
+    traced = traced_ensemble(eager, setting)
+    images, source = parity_inputs(rundir.fold_dir(cv_dir, 0), meta["config"], 6)
+    try:
+        with quiet_jit_deprecation():
+            scripted = torch.jit.script(traced)
+    except Exception as exc:  # the TorchScript compiler raises its own frontend errors
+        raise ExportError(f"{cv_dir}: TorchScript compilation failed ({exc})") from exc
+    with torch.no_grad():
+        differing = int((eager.segment(images) != scripted.segment(images)).sum())
+    if differing:
+        raise ExportError(f"{out}: scripted segment() differs from the eager one in "
+                          f"{differing} pixels; not written")
+    meta["segment_parity"] = {"source": source, "mask_pixels_differing": differing}
+    res = write_checked_exports(eager, scripted, images, source, out, meta, tolerance, pt2,
+                                verbose)
+    if verbose:
+        console.print(f"fold ensemble of {meta['ensemble']['folds']} folds; post-processing: "
+                      f"{meta['ensemble']['postprocessing']['description']}")
+    return res

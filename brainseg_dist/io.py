@@ -148,65 +148,6 @@ def read_jsonl(path: str | Path, what: str = "JSON-lines file") -> list[Any]:
     return rows
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with one clear error line per failure.
-
-    ``weights_only=True`` refuses any pickled object other than tensors and plain values, so
-    opening a foreign checkpoint cannot run code.
-
-    Args:
-        path: a checkpoint written by training (``best.pt``/``last.pt``).
-
-    Returns:
-        The checkpoint's dict, on the CPU.
-
-    Raises:
-        BrainsegError: missing, empty, truncated or foreign file, or one that holds unsafe
-            objects; the message names the file.
-    """
-    import pickle
-    import re
-
-    import torch
-
-    from brainseg_dist.errors import BrainsegError
-
-    path = Path(path)
-    if path.is_dir():
-        raise BrainsegError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise BrainsegError(f"{path}: checkpoint not found")
-    if path.stat().st_size == 0:
-        raise BrainsegError(f"{path}: empty checkpoint file (0 bytes); it was never written "
-                            "completely")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None:  # not a pickle at all, or a damaged one
-            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
-            raise BrainsegError(f"{path}: unreadable checkpoint (damaged or truncated: "
-                                f"{detail[1] if detail else _first_line(exc)})") from None
-        what = f" ({found[1]})"
-        raise BrainsegError(
-            f"{path}: refused to open: the checkpoint holds Python objects{what} other than "
-            "tensors and plain values, which could run code when loaded; only checkpoints "
-            "written by brainseg training are accepted") from None
-    except Exception as exc:  # torch raises several types for truncated/corrupt archives
-        raise BrainsegError(f"{path}: unreadable checkpoint (damaged or truncated: "
-                            f"{_first_line(exc)})") from None
-    if not isinstance(state, dict):
-        raise BrainsegError(f"{path}: not a brainseg checkpoint (holds a "
-                            f"{type(state).__name__}, expected a dict)")
-    return state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 # ----------------------------------------------------------------------------- folders
 def check_writable(folder: str | Path, what: str = "output folder") -> Path:
     """Create ``folder`` if needed and prove a file can be written there, before any work.

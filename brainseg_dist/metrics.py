@@ -1,12 +1,8 @@
 """Loss and segmentation metrics shared by training and evaluation.
 
-Empty-mask conventions (also in the README):
-
-* Dice of a slice or patient where both ground truth and prediction are empty is 1.0
-  (a correct "no tumour"); where exactly one is empty it is 0.0.
-* The global Dice pools intersections and sums over all slices before dividing.
-* HD95 is only defined where both masks are non-empty; elsewhere it is NaN and left out of
-  means (the number of slices it was computed on is reported with it).
+How empty masks and undefined ratios are scored is stated once, in :data:`CONVENTIONS`
+(written into every evaluation's ``summary.json``; the README quotes it): training's
+validation Dice follows the same Dice convention.
 """
 
 from __future__ import annotations
@@ -18,6 +14,24 @@ import torch.nn.functional as F
 from brainseg_dist.postprocess import keep_components, label_components
 
 SOFT_DICE_SMOOTH = 1.0
+
+
+# How every metric treats empty masks and zero denominators (the one statement of it).
+CONVENTIONS = {
+    "dice": "per patient: 2|P∩G|/(|P|+|G|) over all the patient's slices at native "
+            "resolution; 1.0 when prediction and ground truth are both empty, 0.0 when "
+            "exactly one is empty",
+    "patient_dice": "mean, median and sample SD (ddof=1) over patients",
+    "dice_tumour_slices": "mean per-slice Dice over slices whose ground truth has tumour",
+    "fp_rate_empty_slices": "fraction of ground-truth-empty slices with any predicted pixel",
+    "pooled": "iou, precision, recall and dice sum pixel counts over all slices before "
+              "dividing; a ratio with a zero denominator is null",
+    "hd95": "pixels; per slice where both masks are non-empty (boundary = mask & ~eroded, "
+            "95th percentile of each directed distance set, max of the two); mean/median "
+            "over those slices, count in hd95_slices",
+    "diagnosis": "slice-level: tumour predicted = any predicted pixel; sensitivity, "
+                 "specificity, accuracy over slices",
+}
 
 
 def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, bce_weight: float = 1.0,
@@ -104,9 +118,7 @@ def summarize_dice(counts: np.ndarray, patients: np.ndarray) -> dict[str, float]
 
 # ----------------------------------------------------------------------------- evaluation
 # Slice-level metrics, HD95 and 3D largest-connected-component post-processing, used by
-# ``brainseg evaluate``. Pooled metrics sum pixel counts over all slices before dividing; a
-# ratio whose denominator is zero is NaN (written as null in JSON), except Dice and IoU, which
-# are 1.0 when prediction and ground truth are both empty.
+# ``brainseg evaluate`` (conventions: CONVENTIONS above).
 
 HD95_PERCENTILE = 95.0
 
@@ -284,3 +296,28 @@ def largest_component_3d(volume) -> torch.Tensor:
         the largest label (deterministic).
     """
     return keep_components(_volume(volume), largest=True, min_voxels=0)
+
+
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def bootstrap_ci(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                 level: float = 0.95) -> list[float]:
+    """Percentile bootstrap confidence interval of the mean, resampling patients.
+
+    Args:
+        values: one value per patient.
+        samples: bootstrap resamples.
+        seed: resampling seed (fixed: the interval is reproducible).
+        level: coverage.
+
+    Returns:
+        ``[low, high]``; NaNs for fewer than two values.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))]

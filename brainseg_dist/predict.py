@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,60 +27,17 @@ import pandas as pd
 import tifffile
 import torch
 
+from brainseg_dist import rundir
 from brainseg_dist.console import console, progress
+from brainseg_dist.data.inputs import check_inputs, find_inputs, read_slice
 from brainseg_dist.data.scan import patient_id
 from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
 from brainseg_dist.io import atomic_write, atomic_write_bytes, check_writable, current_umask
-
-TIF_SUFFIXES = (".tif", ".tiff")
-_NUMBER_RE = re.compile(r"_(\d+)$")
-
-
-# ----------------------------------------------------------------------------- inference
-def volume_stats_of(module: Any, batches: list[torch.Tensor], device: str | torch.device
-                    ) -> torch.Tensor:
-    """Volume statistics (``3×2``) of slices given as batches (possibly of different sizes).
-
-    Every batch is resized to the training size by the module's ``prepare`` first, so the
-    statistic is the one training computed from its resized slices.
-    """
-    resized = [module.prepare(b.to(device)) for b in batches]
-    return module.volume_stats(torch.cat(resized))
-
-
-@torch.no_grad()
-def predict_volume(module: Any, images: torch.Tensor, batch_size: int = 32,
-                   device: str | torch.device = "cpu", flip: bool = False,
-                   stats: torch.Tensor | None = None) -> torch.Tensor:
-    """Tumour probabilities for a stack of slices, in batches.
-
-    Works with the eager :class:`~brainseg_dist.export.SegmentationPipeline` and with a
-    loaded ``model.ts`` (same methods).
-
-    Args:
-        module: the pipeline (eval mode, on ``device``).
-        images: ``N×3×H×W`` uint8 (or 0..255 float) on the CPU.
-        batch_size: slices per forward pass.
-        device: where the module runs.
-        flip: run on horizontally flipped slices and flip the probabilities back (for TTA).
-        stats: volume statistics for ``volume`` normalization (:func:`volume_stats_of` of the
-            whole patient); None for ``slice`` normalization.
-
-    Returns:
-        ``N×1×H×W`` float32 probabilities on the CPU.
-    """
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device)
-        if flip:
-            x = x.flip(-1)
-        p = module(x) if stats is None else module.predict_with_stats(x, stats)
-        if flip:
-            p = p.flip(-1)
-        out.append(p.float().cpu())
-    if not out:
-        return torch.zeros(0, 1, *images.shape[2:])
-    return torch.cat(out)
+from brainseg_dist.pipeline import (
+    check_device,
+    load_torchscript,
+    patient_masks,
+)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -94,53 +50,6 @@ class InputSlice:
     name: str  # file stem
     mask_out: Path = field(default=Path())
     overlay_out: Path = field(default=Path())
-
-
-def _is_image(p: Path) -> bool:
-    return (p.is_file() and p.suffix.lower() in TIF_SUFFIXES
-            and not p.stem.lower().endswith("_mask") and not p.name.startswith("."))
-
-
-def _slice_key(p: Path) -> tuple:
-    """Numeric slice order (``_2`` before ``_10``), then name."""
-    m = _NUMBER_RE.search(p.stem)
-    return (p.stem[: m.start()] if m else p.stem, int(m[1]) if m else -1, p.name)
-
-
-def find_inputs(path: str | Path) -> tuple[str, dict[str, list[Path]]]:
-    """Detect what INPUT is and list its slices per patient folder.
-
-    Args:
-        path: a ``.tif`` file, a folder of ``.tif`` slices, or a root of such folders.
-
-    Returns:
-        ``(kind, {folder name: [image paths in slice order]})`` with kind ``"file"``,
-        ``"folder"`` or ``"root"``.
-
-    Raises:
-        BrainsegError: the path does not exist, is a mask, or holds no slices.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise BrainsegError(f"{path}: input not found")
-    if path.is_file():
-        if path.suffix.lower() not in TIF_SUFFIXES:
-            raise BrainsegError(f"{path}: not a .tif slice")
-        if path.stem.lower().endswith("_mask"):
-            raise BrainsegError(f"{path}: this is a ground-truth mask, not an image slice")
-        return "file", {path.resolve().parent.name: [path]}
-    own = sorted((p for p in path.iterdir() if _is_image(p)), key=_slice_key)
-    if own:
-        return "folder", {path.resolve().name: own}
-    groups = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted((p for p in sub.iterdir() if _is_image(p)), key=_slice_key)
-        if images:
-            groups[sub.name] = images
-    if not groups:
-        raise BrainsegError(f"{path}: no .tif slices found (expected a slice, a patient folder "
-                            "of <name>.tif files, or a root of patient folders)")
-    return "root", groups
 
 
 def plan_outputs(groups: dict[str, list[Path]], out: Path) -> list[InputSlice]:
@@ -200,51 +109,6 @@ def check_no_overwrite(out: Path, plan: list[InputSlice]) -> None:
             "outside the patient folders.")
 
 
-def check_inputs(plan: list[InputSlice]) -> list[tuple[int, int]]:
-    """Read every input's tif header (no pixel decoding) and validate dtype and shape.
-
-    Returns:
-        ``(H, W)`` per slice.
-
-    Raises:
-        DatasetError: listing every unreadable file and every file that is not an
-            ``H×W×3`` uint8 image.
-    """
-    problems, shapes = [], []
-    for s in plan:
-        try:
-            with tifffile.TiffFile(s.path) as tif:
-                series = tif.series[0]
-                shape, dtype = tuple(series.shape), series.dtype
-        except Exception as exc:  # tifffile raises many types for corrupt files
-            problems.append(DataProblem(s.path, f"unreadable tif ({exc})"))
-            shapes.append((0, 0))
-            continue
-        if dtype != np.uint8:
-            problems.append(DataProblem(s.path, f"image dtype is {dtype}, expected uint8"))
-        elif len(shape) != 3 or shape[2] != 3:
-            problems.append(DataProblem(s.path, f"image shape is {shape}, expected H×W×3 "
-                                                "(pre-contrast, FLAIR, post-contrast)"))
-        shapes.append(shape[:2] if len(shape) >= 2 else (0, 0))
-    if problems:
-        raise DatasetError(problems)
-    return shapes
-
-
-def read_slice(path: Path) -> np.ndarray:
-    """Decode one ``H×W×3`` uint8 slice.
-
-    Raises:
-        BrainsegError: naming the file, when it cannot be decoded or has the wrong shape.
-    """
-    from brainseg_dist.data.decode import SliceError, read_image
-
-    try:
-        return read_image(path)
-    except SliceError as exc:
-        raise BrainsegError(str(exc)) from None
-
-
 # ----------------------------------------------------------------------------- outputs
 def _write_mask(path: Path, mask: np.ndarray) -> None:
     atomic_write(path, lambda p: tifffile.imwrite(p, mask, photometric="minisblack"))
@@ -283,41 +147,21 @@ class PredictResult:
     volume: pd.DataFrame
 
 
-def check_device(device: str) -> torch.device:
-    """Parse ``--device`` and check it exists here, before any model or data is read.
-
-    Raises:
-        BrainsegError: not a device name torch knows, or CUDA missing.
-    """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise BrainsegError(f"--device {device}: not a device name; use cpu, cuda or cuda:N"
-                            ) from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BrainsegError(f"--device {device}: CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise BrainsegError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
-                                "device(s) here")
-    elif parsed.type != "cpu":
-        raise BrainsegError(f"--device {device}: unsupported device type; use cpu or cuda")
-    return parsed
-
-
-def resolve_model(model: str | Path) -> Path:
-    """MODEL as given: a ``model.ts`` file, or a run directory (its ``model.ts``, exported
-    from ``best.pt`` first when missing)."""
+def resolve_model(model: str | Path,
+                  export_missing: Callable[[Path], object] | None = None) -> Path:
+    """MODEL as given: a ``model.ts`` file, or a run directory (its ``model.ts``, written
+    from ``best.pt`` by ``export_missing`` first when missing)."""
     model = Path(model)
     if model.is_dir():
-        ts = model / "model.ts"
+        ts = model / rundir.TORCHSCRIPT
         if not ts.is_file():
-            if not (model / "best.pt").is_file():
+            if not (model / rundir.BEST).is_file():
                 raise BrainsegError(f"{model}: run directory has neither model.ts nor best.pt")
-            from brainseg_dist.export import export_run  # only needed to export
-
-            console.print(f"{ts} not found: exporting it from {model / 'best.pt'}")
-            export_run(model)
+            if export_missing is None:
+                raise BrainsegError(f"{model}: run directory has no model.ts; write it with "
+                                    "`brainseg export RUN_DIR`")
+            console.print(f"{ts} not found: exporting it from {model / rundir.BEST}")
+            export_missing(model)
         return ts
     if not model.is_file():
         raise BrainsegError(f"{model}: model not found (expected model.ts or a run directory)")
@@ -326,8 +170,6 @@ def resolve_model(model: str | Path) -> Path:
 
 def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
     """Load ``model.ts`` on ``device`` with its metadata (attributes and metadata.json)."""
-    from brainseg_dist.export import load_torchscript
-
     module, meta = load_torchscript(path, device)
     meta.setdefault("threshold", float(module.threshold))
     meta.setdefault("normalization", str(module.normalization))
@@ -338,7 +180,8 @@ def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
 def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 32,
             device: str = "cpu", threshold: float | None = None, overlays: bool = True,
             show_progress: bool = True,
-            on_folder: Callable[[str, int], None] | None = None) -> PredictResult:
+            on_folder: Callable[[str, int], None] | None = None,
+            export_missing: Callable[[Path], object] | None = None) -> PredictResult:
     """Segment every slice under INPUT and write masks, overlays and tumour-size CSVs.
 
     Args:
@@ -351,6 +194,8 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
         overlays: also write overlay PNGs.
         show_progress: rich progress bar over slices.
         on_folder: called with (folder, slices) after each folder (for tests/logging).
+        export_missing: writes a run directory's missing ``model.ts`` (the CLI passes
+            :func:`brainseg_dist.export.export_run`); without it such a run is an error.
 
     Returns:
         :class:`PredictResult`.
@@ -361,15 +206,13 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
     """
     t0 = time.perf_counter()
     input_path, out = Path(input_path), Path(out)
-    check_device(device)
-    if batch_size < 1:
-        raise BrainsegError(f"--batch-size {batch_size}: must be >= 1")
+    check_device(device, batch_size)
     kind, groups = find_inputs(input_path)
     plan = plan_outputs(groups, out)
     check_no_overwrite(out, plan)
     check_replaceable(out)
-    check_inputs(plan)
-    module, meta = load_model(resolve_model(model), device)
+    check_inputs([s.path for s in plan])
+    module, meta = load_model(resolve_model(model, export_missing), device)
     thr = float(meta["threshold"] if threshold is None else threshold)
     if not 0 < thr < 1:
         raise BrainsegError(f"--threshold {thr}: must be between 0 and 1")
@@ -447,25 +290,7 @@ def _predict_into(stage: Path, out: Path, plan: list[InputSlice], module: Any,
         task = bar.add_task("predicting", total=len(plan), info="")
         for folder, slices in by_folder.items():
             images = [read_slice(s.path) for s in slices]
-            # Batch slices of equal size together; sizes may differ between folders/files.
-            sizes: dict[tuple[int, int], list[int]] = {}
-            for i, im in enumerate(images):
-                sizes.setdefault(im.shape[:2], []).append(i)
-            stacks = {hw: torch.from_numpy(np.stack([images[i] for i in idx]))
-                      .permute(0, 3, 1, 2).contiguous() for hw, idx in sizes.items()}
-            # Volume normalization: statistics of the whole folder (one patient's volume).
-            stats = volume_stats_of(module, list(stacks.values()), device) if volume else None
-            masks: list[np.ndarray | None] = [None] * len(images)
-            for hw, idx in sizes.items():
-                if segment:  # a fold ensemble: its own 3D post-processing, on the folder
-                    with torch.no_grad():
-                        m = module.segment(stacks[hw].to(device))[:, 0].bool().cpu()
-                    for j, i in enumerate(idx):
-                        masks[i] = m[j].numpy()
-                    continue
-                probs = predict_volume(module, stacks[hw], batch_size, device, stats=stats)
-                for j, i in enumerate(idx):
-                    masks[i] = (probs[j, 0] > thr).numpy()
+            masks = patient_masks(module, images, volume, thr, segment, batch_size, device)
             for s, image, mask in zip(slices, images, masks, strict=True):
                 _write_mask(stage / s.mask_out.relative_to(out), mask.astype(np.uint8) * 255)
                 if overlays:

@@ -1,8 +1,18 @@
-"""Guard a training run directory: never silently replace a finished run, and clear what a
-killed process left behind before a new start."""
+"""The run directory: every file a run (or a cross-validation) writes is named here, and the
+directory is guarded: never silently replace a finished run, and clear what a killed process
+left behind before a new start.
+
+A training run: ``config.yaml``, ``split.json``, ``metrics.jsonl``, ``best.pt``, ``last.pt``,
+``validation.json``, ``tensorboard/``, ``model.ts``, ``model.pt2``, ``eval_<split>/`` and,
+when trained without ``data.data_dir``, ``synthetic/kaggle_3m`` (with its ``COMPLETE``
+marker). A cross-validation directory: ``cv_plan.json``, ``fold_<k>/`` (a training run each,
+plus ``postprocessing.json`` and ``fold_done.json``), ``ensemble_postprocessing.json``,
+``cv_summary.json``, ``cv_per_patient.csv``, and the ensemble's ``model.ts``/``model.pt2``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,16 +20,73 @@ from typing import Any
 
 from brainseg_dist.console import console
 from brainseg_dist.errors import BrainsegError, ConfigError
-from brainseg_dist.io import check_writable, load_checkpoint_file, remove_temporaries
+from brainseg_dist.io import check_writable, remove_temporaries
+
+CONFIG = "config.yaml"
+SPLIT = "split.json"
+METRICS = "metrics.jsonl"
+BEST = "best.pt"
+LAST = "last.pt"
+VALIDATION = "validation.json"
+TENSORBOARD = "tensorboard"
+TORCHSCRIPT = "model.ts"
+PROGRAM = "model.pt2"
+EVAL_PREFIX = "eval_"  # eval_<split>/ of brainseg evaluate
+SYNTHETIC = "synthetic"  # synthetic/kaggle_3m and its synthetic/COMPLETE marker
+# A cross-validation directory.
+CV_PLAN = "cv_plan.json"
+CV_SUMMARY = "cv_summary.json"
+CV_PER_PATIENT = "cv_per_patient.csv"
+FOLD_DONE = "fold_done.json"
+FOLD_POSTPROCESSING = "postprocessing.json"  # in each fold: chosen on its inner validation
+ENSEMBLE_POSTPROCESSING = "ensemble_postprocessing.json"  # chosen on all out-of-fold preds
 
 # Files whose presence means the directory holds (part of) a training run.
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+RUN_FILES = (LAST, BEST, METRICS)
 # What --overwrite removes: everything a run writes, so nothing of the old run is left to
 # pass for the new one (a model.ts exported from the old best.pt above all). The synthetic
 # dataset is kept; it is regenerated when its parameters differ.
-STALE_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "split.json",
-               "validation.json", "model.ts", "model.pt2")
-STALE_FOLDERS = ("tensorboard",)
+STALE_FILES = (LAST, BEST, METRICS, CONFIG, SPLIT, VALIDATION, TORCHSCRIPT, PROGRAM)
+STALE_FOLDERS = (TENSORBOARD,)
+
+
+def data_root(run_dir: str | Path, data_dir: str | None) -> Path:
+    """A run's dataset root: ``data.data_dir``, or the synthetic set generated inside the run
+    directory when training was started without one."""
+    return Path(data_dir) if data_dir else Path(run_dir) / SYNTHETIC / "kaggle_3m"
+
+
+def eval_dir(run_dir: str | Path, split: str) -> Path:
+    """Where ``brainseg evaluate`` writes by default."""
+    return Path(run_dir) / f"{EVAL_PREFIX}{split}"
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    """Fold ``fold``'s run directory in a cross-validation directory."""
+    return Path(out) / f"fold_{fold}"
+
+
+def is_cv_dir(path: str | Path) -> bool:
+    """True for a directory written by ``brainseg cv``."""
+    return (Path(path) / CV_PLAN).is_file()
+
+
+def read_plan(out: str | Path) -> dict[str, Any]:
+    """The ``cv_plan.json`` of a CV directory.
+
+    Raises:
+        BrainsegError: missing or damaged plan.
+    """
+    path = Path(out) / CV_PLAN
+    try:
+        plan = json.loads(path.read_text())
+        assert isinstance(plan, dict)
+        assert isinstance(plan["splits"], list)
+    except FileNotFoundError:
+        raise BrainsegError(f"{path}: not found; not a cross-validation directory") from None
+    except (ValueError, KeyError, AssertionError):
+        raise BrainsegError(f"{path}: damaged cross-validation plan") from None
+    return plan
 
 
 def is_main_rank() -> bool:
@@ -57,17 +124,19 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
     if out.exists() and not out.is_dir():
         raise BrainsegError(f"{out}: train.output_dir is a file, not a folder")
     if resume:  # a damaged or foreign last.pt fails now, not after the data is decoded
-        if not (out / "last.pt").exists():
-            raise BrainsegError(f"{out / 'last.pt'}: nothing to resume (no last.pt in the run "
+        if not (out / LAST).exists():
+            raise BrainsegError(f"{out / LAST}: nothing to resume (no last.pt in the run "
                                 "directory)")
-        state = load_resumable(out / "last.pt")
-        if config_hash is not None and state["config_hash"] != config_hash:
-            raise BrainsegError(f"{out / 'last.pt'}: checkpoint was trained with a different "
-                                f"config (hash {state['config_hash']} != {config_hash})")
-        if (out / "split.json").exists():
+        from brainseg_dist import checkpoint  # torch: only when resuming
+
+        last = checkpoint.load(out / LAST, require=checkpoint.RESUME_KEYS)
+        if config_hash is not None and last.config_hash != config_hash:
+            raise BrainsegError(f"{out / LAST}: checkpoint was trained with a different "
+                                f"config (hash {last.config_hash} != {config_hash})")
+        if (out / SPLIT).exists():
             from brainseg_dist.data.split import load_split
 
-            load_split(out / "split.json")
+            load_split(out / SPLIT)
     if not is_main_rank():
         return out  # rank 0 alone changes the directory
     check_writable(out, "run directory (train.output_dir)")
@@ -86,26 +155,8 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
 
 def _stale_outputs(out: Path) -> list[Path]:
     paths = [out / name for name in (*STALE_FILES, *STALE_FOLDERS)]
-    paths += sorted(out.glob("eval_*"))
+    paths += sorted(out.glob(f"{EVAL_PREFIX}*"))
     return [p for p in paths if p.exists() or p.is_symlink()]
-
-
-RESUME_KEYS = ("model", "optimizer", "scaler", "epoch", "best", "best_epoch", "stale_epochs",
-               "rng", "config_hash", "history")
-
-
-def load_resumable(path: Path) -> dict[str, Any]:
-    """``last.pt`` loaded safely, with every key that :meth:`Trainer._restore` needs.
-
-    Raises:
-        BrainsegError: unreadable, unsafe or incomplete checkpoint (named).
-    """
-    state = load_checkpoint_file(path)
-    missing = [k for k in RESUME_KEYS if k not in state]
-    if missing:
-        raise BrainsegError(f"{path}: cannot resume from this checkpoint (missing "
-                            f"{', '.join(missing)}; written by another version?)")
-    return state
 
 
 def existing_run_dir(run_dir: str | Path) -> Path:

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from helpers import make_patient, rng_image, square_mask, truncate_half, write_image
 
 from brainseg_dist.cli import main
-from brainseg_dist.export import quiet_jit_deprecation
+from brainseg_dist.pipeline import quiet_jit_deprecation
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -479,7 +479,7 @@ def export_out_not_writable(c):
 def export_weights_of_another_model(c):
     run = c.run_copy()
     state = torch.load(run / "best.pt", weights_only=True)
-    state["model_args"] = {"base_width": 3, "depth": 2}
+    state["config"]["model"]["base_width"] = 3  # the U-Net's shape comes from the config
     torch.save(state, run / "best.pt")
     return ["export", run, "--no-pt2"], 1, [str(run / "best.pt"), "do not fit"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import patient_stack, run_cli, run_without_package
 
-from brainseg_dist.cv import bootstrap_ci
+from brainseg_dist.metrics import bootstrap_ci
 
 TINY_CV = ["--folds", "3", "--epochs", "4", "--image-size", "32", "--base-width", "4",
            "--batch-size", "8", "--lr", "0.01", "--set", "train.num_overlays=0"]

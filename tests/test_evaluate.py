@@ -16,7 +16,7 @@ from helpers import PNG_SIGNATURE, run_cli, unwrap
 
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.evaluate import VARIANTS, evaluate_run, headline_name, select_patients
-from brainseg_dist.export import load_torchscript
+from brainseg_dist.pipeline import load_torchscript
 
 
 @pytest.fixture(scope="module")

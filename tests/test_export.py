@@ -17,18 +17,17 @@ import torch
 import torch.nn.functional as F
 from helpers import run_cli, unwrap
 
+from brainseg_dist.checkpoint import load as load_checkpoint
+from brainseg_dist.config import replace
 from brainseg_dist.data.decode import read_image, resize_image
 from brainseg_dist.errors import BrainsegError
-from brainseg_dist.export import (
+from brainseg_dist.export import ExportError, export_run, script_pipeline
+from brainseg_dist.pipeline import (
     METADATA_FILE,
-    ExportError,
     build_pipeline,
     build_unet,
-    export_run,
-    load_checkpoint,
     load_torchscript,
     quiet_jit_deprecation,
-    script_pipeline,
 )
 from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 
@@ -118,7 +117,7 @@ def test_pipeline_matches_training_path(ckpt, native_slices):
 def test_volume_normalization_pipeline(ckpt, native_slices):
     """``volume``: statistics of the whole batch, as training's per-patient statistics."""
     paths, x = native_slices
-    vol = dataclasses.replace(ckpt, normalization="volume")
+    vol = dataclasses.replace(ckpt, config=replace(ckpt.config, train={"normalization": "volume"}))
     small = torch.from_numpy(np.stack([resize_image(read_image(p), 128) for p in paths]))
     stats = volume_stats_by_patient(small, np.zeros(len(small), int))
     with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 from helpers import PNG_SIGNATURE, run_cli, tree_hashes, truncate_half, unwrap
 
 from brainseg_dist.errors import BrainsegError, DatasetError
-from brainseg_dist.export import load_torchscript
+from brainseg_dist.export import export_run
+from brainseg_dist.pipeline import load_torchscript
 from brainseg_dist.predict import find_inputs, predict
 
 
@@ -97,7 +98,8 @@ def test_folder_input_with_run_dir_as_model(trained_run, input_root, predicted_r
         shutil.copy2(trained_run / name, run / name)
     os.symlink(trained_run / "synthetic", run / "synthetic")
     folder = sorted(p for p in input_root.iterdir() if p.name.startswith("TCGA"))[0]
-    result = predict(run, folder, tmp_path / "out", overlays=False, show_progress=False)
+    result = predict(run, folder, tmp_path / "out", overlays=False, show_progress=False,
+                     export_missing=export_run)
     assert (run / "model.ts").is_file()
     assert result.kind == "folder"
     assert not (tmp_path / "out" / folder.name / "overlays").exists()

@@ -16,7 +16,8 @@ from helpers import REPO, patient_stack, run_without_package
 
 from brainseg_dist.config import load_config
 from brainseg_dist.evaluate import evaluate_run
-from brainseg_dist.export import build_pipeline, export_run, load_checkpoint
+from brainseg_dist.export import export_run
+from brainseg_dist.pipeline import from_checkpoint
 from brainseg_dist.train import run_training
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
@@ -91,7 +92,7 @@ def test_model_ts_masks_equal_evaluate_masks(real_run, real_root, clean_process_
     """Same threshold, same slices: the clean-process masks differ from evaluate's in 0 pixels."""
     out, _, _ = real_run
     _, masks = clean_process_masks
-    pipeline = build_pipeline(load_checkpoint(out / "best.pt"))
+    pipeline, _ = from_checkpoint(out / "best.pt")
     differing = 0
     for patient, ts_masks in masks.items():
         x = patient_stack(next(p for p in real_root.iterdir() if p.name.startswith(patient)))

@@ -13,9 +13,11 @@ import torch
 from helpers import run_cli, unwrap
 from test_bad_inputs import evil_checkpoint
 
+from brainseg_dist import checkpoint
+from brainseg_dist.checkpoint import load_state
 from brainseg_dist.config import load_config
 from brainseg_dist.errors import BrainsegError
-from brainseg_dist.io import atomic_write_json, dumps_strict, load_checkpoint_file
+from brainseg_dist.io import atomic_write_json, dumps_strict
 from brainseg_dist.rundir import prepare_run_dir
 
 
@@ -73,7 +75,7 @@ def test_package_never_loads_unsafely():
 
 def test_checkpoints_load_with_weights_only(trained_run):
     for name in ("best.pt", "last.pt"):
-        state = load_checkpoint_file(trained_run / name)
+        state = load_state(trained_run / name)
         assert state["history"][-1]["epoch"] == state["epoch"]
         assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
 
@@ -83,18 +85,18 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
-    from brainseg_dist.train import _rng_state, _set_rng_state
+    from brainseg_dist.checkpoint import rng_state, set_rng_state
 
     random.seed(3)
     np.random.seed(4)
     torch.manual_seed(5)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
-    state = _rng_state()
+    state = rng_state()
     expected = (random.random(), np.random.standard_normal(), torch.rand(1).item())
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    _set_rng_state(state)
+    set_rng_state(state)
     assert (random.random(), np.random.standard_normal(), torch.rand(1).item()) == expected
 
 
@@ -141,7 +143,7 @@ def test_cli_overwrite_trains_again(trained_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (run / "model.ts").exists()
     assert not (run / "eval_test").exists()
-    assert load_checkpoint_file(run / "best.pt")["model_args"]["base_width"] == 4
+    assert checkpoint.load(run / "best.pt").config.model.base_width == 4
 
 
 def test_stale_temporaries_are_removed_at_start(tmp_path):

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from brainseg_dist import train as train_module
+from brainseg_dist import checkpoint
 from brainseg_dist.config import load_config
 from brainseg_dist.errors import NonFiniteLossError
 from brainseg_dist.train import lr_factor, resolve_mixed_precision, run_training
+from brainseg_dist.train import trainer as train_module
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"data.image_size": 32, "model.base_width": 4, "train.batch_size": 8,
@@ -59,7 +60,8 @@ def test_run_directory(tiny_run):
         result.best_dice_patient_mean)
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] == 1
-    assert {"model", "optimizer", "rng", "config", "image_size", "threshold"} <= set(last)
+    assert {"format", "version", "model", "optimizer", "rng", "config", "config_hash"} <= set(last)
+    assert checkpoint.load(out / "last.pt").image_size == 32
 
 
 def test_tensorboard_has_scalars_and_overlays(tiny_run):
@@ -195,4 +197,4 @@ def test_volume_normalization_trains(synth_root, tmp_path):
                                                "train.normalization": "volume"})
     result = run_training(cfg)
     assert result.history[0]["val_loss"] > 0
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["normalization"] == "volume"
+    assert checkpoint.load(tmp_path / "best.pt").normalization == "volume"

@@ -80,12 +80,6 @@ def synth_patient(rng: np.random.Generator, n_slices: int) -> tuple[np.ndarray, 
     return images, masks
 
 
-def run_data_root(run_dir: str | Path, data_dir: str | None) -> Path:
-    """A run's dataset root: ``data.data_dir``, or the synthetic set generated inside the run
-    directory when training was started without one."""
-    return Path(data_dir) if data_dir else Path(run_dir) / "synthetic" / "kaggle_3m"
-
-
 def write_synthetic_dataset(
     out: str | Path, patients: int = 12, seed: int = 0, slices: tuple[int, int] = (20, 40)
 ) -> Path:

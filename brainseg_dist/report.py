@@ -1,0 +1,102 @@
+"""Console reports of results: the dataset summary, an evaluation and a cross-validation,
+as rich tables. Figures are :mod:`brainseg_dist.viz`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from brainseg_dist.console import console
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A metric for a table: ``–`` when missing or not finite."""
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) \
+        else f"{x:.{digits}f}"
+
+
+def print_data_summary(s: dict) -> None:
+    """``brainseg data summary``: counts, sizes, sites and decode time."""
+    t = Table(title="Dataset summary", show_header=False)
+    for key in ("patients", "slices", "positive_slices", "negative_slices",
+                "patients_with_tumour"):
+        t.add_row(key.replace("_", " "), str(s[key]))
+    t.add_row("positive fraction", f"{s['positive_fraction']:.1%}")
+    spp = s["slices_per_patient"]
+    t.add_row("slices per patient", f"{spp['min']}–{spp['max']} (median {spp['median']:.0f})")
+    ts = s["tumour_pixels_per_positive_slice"]
+    t.add_row("tumour px / positive slice",
+              f"median {ts['median']:.0f}, p5–p95 {ts['p5']:.0f}–{ts['p95']:.0f}, "
+              f"max {ts['max']:.0f}")
+    for site, n in s["slices_per_site"].items():
+        t.add_row(f"site {site}", f"{n} slices, {s['patients_per_site'][site]} patients")
+    tm = s["timings"]
+    t.add_row("decode time", f"{tm['decode_seconds']:.2f} s "
+              f"({int(tm['patients_from_cache'])}/{int(tm['patients'])} patients from cache)")
+    if s["skipped_slices"]:
+        t.add_row("skipped", str(len(s["skipped_slices"])))
+    out = Console()  # the summary is the command's output: stdout, unlike progress and logs
+    out.print(t)
+    for f in s.get("figures", []):
+        out.print(f"figure: {f}")
+
+
+def print_eval_summary(s: dict[str, Any], out: Path) -> None:
+    """``brainseg evaluate``: the headline metrics of every variant (headline marked)."""
+    t = Table(title=f"{s['split']}: {s['patients']} patients, {s['slices']} slices "
+                    f"({Path(s['checkpoint']).name}, threshold {s['threshold']:g})")
+    t.add_column("metric")
+    for v in s["variants"]:
+        t.add_column(v + (" *" if v == s["headline"] else ""), justify="right")
+    rows = [
+        ("patient Dice mean ± SD", lambda m: f"{fmt(m['patient_dice']['mean'])} ± "
+                                             f"{fmt(m['patient_dice']['sd'])}"),
+        ("patient Dice median", lambda m: fmt(m["patient_dice"]["median"])),
+        ("Dice, tumour slices", lambda m: fmt(m["slice"]["dice_tumour_slices"])),
+        ("FP rate, empty slices", lambda m: fmt(m["slice"]["fp_rate_empty_slices"])),
+        ("IoU (pooled)", lambda m: fmt(m["slice"]["iou"])),
+        ("precision / recall", lambda m: f"{fmt(m['slice']['precision'])} / "
+                                         f"{fmt(m['slice']['recall'])}"),
+        ("HD95 px mean (slices)", lambda m: f"{fmt(m['slice']['hd95_mean'], 1)} "
+                                            f"({m['slice']['hd95_slices']})"),
+        ("sensitivity / specificity", lambda m: f"{fmt(m['diagnosis']['sensitivity'])} / "
+                                                f"{fmt(m['diagnosis']['specificity'])}"),
+        ("slice accuracy", lambda m: fmt(m["diagnosis"]["accuracy"])),
+    ]
+    for name, f in rows:
+        t.add_row(name, *(f(s["variants"][v]) for v in s["variants"]))
+    console.print(t)
+    console.print(f"headline ({s['headline']}): per-patient Dice "
+                  f"{fmt(s['headline_metrics']['mean'])} ± {fmt(s['headline_metrics']['sd'])}"
+                  f"; outputs in {out}", highlight=False)
+
+
+def print_cv_summary(s: dict[str, Any], out: Path) -> None:
+    """``brainseg cv``: the metrics without and with the chosen post-processing."""
+    t = Table(title=f"{s['folds']}-fold cross-validation: {s['patients']} patients, each "
+                    "tested by the fold that never saw it")
+    t.add_column("metric")
+    names = list(s["variants"])
+    for name in names:
+        t.add_column(name, justify="right")
+    rows = [("patient Dice mean", "dice_patient_mean"), ("patient Dice median",
+                                                         "dice_patient_median"),
+            ("patient Dice SD", "dice_patient_sd"), ("patient Dice min", "dice_patient_min"),
+            ("Dice, tumour slices", "dice_tumour_slices"),
+            ("FP rate, empty slices", "fp_rate_empty_slices"),
+            ("slice sensitivity", "sensitivity"), ("slice specificity", "specificity"),
+            ("HD95 px (mean)", "hd95_mean")]
+    t.add_row("95% CI of the mean", *(
+        "[{}, {}]".format(*(fmt(v) for v in s["variants"][n]["dice_patient_ci95"]))
+        for n in names))
+    for label, key in rows:
+        t.add_row(label, *(fmt(s["variants"][n][key]) for n in names))
+    console.print(t)
+    console.print(f"headline ({s['headline']}): per-patient Dice mean "
+                  f"{fmt(s['dice_patient_mean'])}, median {fmt(s['dice_patient_median'])}, "
+                  f"95% CI [{fmt(s['dice_patient_ci95'][0])}, {fmt(s['dice_patient_ci95'][1])}]"
+                  f"; outputs in {out}", highlight=False)

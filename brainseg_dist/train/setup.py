@@ -1,0 +1,116 @@
+"""What a training run needs before its first epoch: the accelerator and seeds, the dataset root
+(generated when synthetic), the patient split, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.optim.lr_scheduler import LambdaLR
+
+from brainseg_dist import rundir
+from brainseg_dist.config import Config
+from brainseg_dist.data import SliceData
+from brainseg_dist.data.split import load_split, make_split, patient_burden
+from brainseg_dist.data.synth import write_synthetic_dataset
+from brainseg_dist.errors import BrainsegError
+from brainseg_dist.io import atomic_write_text, remove_temporaries
+
+
+def resolve_mixed_precision(setting: str, device_type: str) -> str | None:
+    """``auto``: the accelerate config's choice if launched with one, else bf16 on CUDA
+    (fp16 where bf16 is unsupported) and off on CPU, where autocast slows training."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # let Accelerator read the launch config
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's :class:`Accelerator`, then every generator seeded with ``train.seed``."""
+    # Without a GPU, cpu=True is what makes Accelerate use gloo DDP under torchrun.
+    use_cpu = (cfg.train.cpu or not torch.cuda.is_available()
+               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision,
+                                                "cpu" if use_cpu else "cuda"),
+        gradient_accumulation_steps=cfg.train.grad_accumulation,
+        cpu=use_cpu,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+    )
+    set_seed(cfg.train.seed)  # python, numpy and torch (and CUDA)
+    return accelerator
+
+
+def lr_factor(epoch: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine decay to 1% (or constant), as a multiple of ``optim.lr``."""
+    warm = cfg.optim.warmup_epochs
+    if epoch < warm:
+        return (epoch + 1) / (warm + 1)
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    t = (epoch - warm) / max(1, cfg.train.epochs - warm)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, start_epoch: int) -> LambdaLR:
+    """Per-epoch :class:`LambdaLR` of :func:`lr_factor`, positioned at ``start_epoch`` (the
+    optimizer's learning rate is ``optim.lr × lr_factor(start_epoch)`` afterwards)."""
+    for group in optimizer.param_groups:  # a resumed optimizer may predate the scheduler
+        group.setdefault("initial_lr", cfg.optim.lr)
+    return LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg), last_epoch=start_epoch - 1)
+
+
+def prepare_data_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The dataset root: ``data.data_dir``, or a synthetic dataset generated once per run."""
+    root = rundir.data_root(cfg.train.output_dir, cfg.data.data_dir)
+    if cfg.data.data_dir:
+        return root
+    done = root.parent / "COMPLETE"
+    # The marker holds the parameters: a set made with other ones is replaced, not reused.
+    key = f"patients={cfg.data.synthetic_patients} seed={cfg.train.seed}\n"
+    if accelerator.is_main_process and not _marker_matches(done, key):
+        done.unlink(missing_ok=True)
+        if root.exists():
+            shutil.rmtree(root)
+        remove_temporaries(root.parent)
+        write_synthetic_dataset(root, patients=cfg.data.synthetic_patients, seed=cfg.train.seed)
+        atomic_write_text(done, key)
+    accelerator.wait_for_everyone()
+    return root
+
+
+def _marker_matches(marker: Path, key: str) -> bool:
+    try:
+        return marker.read_text() == key
+    except OSError:
+        return False
+
+
+def split_for_run(cfg: Config, data: SliceData, out: Path, resume: bool,
+                  given: dict | None = None) -> dict:
+    """The run's split: ``given`` (e.g. a cross-validation fold), the saved ``split.json``
+    when resuming, else a new one from the config.
+
+    Raises:
+        BrainsegError: resuming with a ``given`` split that differs from the saved one.
+    """
+    path = out / rundir.SPLIT
+    saved = load_split(path) if resume and path.exists() else None
+    if given is not None:
+        if saved is not None and any(saved.get(k) != given.get(k) for k in
+                                     ("train", "val", "test")):
+            raise BrainsegError(f"{path}: the run was trained on a different patient split")
+        return given
+    if saved is not None:
+        return saved
+    return make_split(patient_burden(data.table), cfg.data.val_fraction, cfg.data.test_fraction,
+                      cfg.train.seed, cfg.data.folds, cfg.data.fold)
