@@ -19,6 +19,56 @@ import numpy as np
 import torch
 
 
+def _touching_pairs(v: torch.Tensor, coords: torch.Tensor, in_plane: bool,
+                    full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs ``(i, j)`` of touching foreground voxels (one direction of each pair)."""
+    m = coords.shape[0]
+    # Flat indices in a volume padded by one voxel on each side: a neighbour offset can then
+    # never wrap around to the next row or slice.
+    h = v.shape[1] + 2
+    w = v.shape[2] + 2
+    flat = ((coords[:, 0] + 1) * h + coords[:, 1] + 1) * w + coords[:, 2] + 1
+    # Index of each foreground voxel in a padded volume (-1: background): one gather finds
+    # a neighbour, where a binary search would cost log(m) steps.
+    index = torch.full(((v.shape[0] + 2) * h * w,), -1, dtype=torch.long, device=v.device)
+    index[flat] = torch.arange(m, device=v.device)
+    sources: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    dz_max = 0 if in_plane else 1
+    for dz in range(dz_max + 1):
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                if dz == 0 and (dy < 0 or (dy == 0 and dx <= 0)):
+                    continue  # keep one direction of each pair
+                if not full and abs(dz) + abs(dy) + abs(dx) > 1:
+                    continue
+                j = index[flat + (dz * h + dy) * w + dx]
+                hit = j >= 0
+                sources.append(torch.nonzero(hit).squeeze(1))
+                targets.append(j[hit])
+    return torch.cat(sources), torch.cat(targets)
+
+
+def _union_roots(m: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Root (smallest index) of each of ``m`` voxels' component, given touching pairs."""
+    parent = torch.arange(m, device=src.device)
+    while True:
+        while True:  # pointer jumping until every voxel points at its root
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+        ri = parent[src]
+        rj = parent[dst]
+        differ = ri != rj
+        if not bool(differ.any()):
+            break
+        # Parents only ever decrease, so hooking cannot create a cycle.
+        parent = parent.scatter_reduce(0, torch.maximum(ri, rj)[differ],
+                                       torch.minimum(ri, rj)[differ], reduce="amin")
+    return parent
+
+
 def label_components(mask: torch.Tensor, in_plane: bool = False,
                      full: bool = True) -> torch.Tensor:
     """Connected components of a ``D×H×W`` binary volume, by union-find (no scipy).
@@ -44,46 +94,8 @@ def label_components(mask: torch.Tensor, in_plane: bool = False,
     m = coords.shape[0]
     if m == 0:
         return labels
-    # Flat indices in a volume padded by one voxel on each side: a neighbour offset can then
-    # never wrap around to the next row or slice.
-    h = v.shape[1] + 2
-    w = v.shape[2] + 2
-    flat = ((coords[:, 0] + 1) * h + coords[:, 1] + 1) * w + coords[:, 2] + 1
-    # Index of each foreground voxel in a padded volume (-1: background): one gather finds
-    # a neighbour, where a binary search would cost log(m) steps.
-    index = torch.full(((v.shape[0] + 2) * h * w,), -1, dtype=torch.long, device=v.device)
-    index[flat] = torch.arange(m, device=v.device)
-    sources: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    dz_max = 0 if in_plane else 1
-    for dz in range(dz_max + 1):
-        for dy in range(-1, 2):
-            for dx in range(-1, 2):
-                if dz == 0 and (dy < 0 or (dy == 0 and dx <= 0)):
-                    continue  # keep one direction of each pair
-                if not full and abs(dz) + abs(dy) + abs(dx) > 1:
-                    continue
-                j = index[flat + (dz * h + dy) * w + dx]
-                hit = j >= 0
-                sources.append(torch.nonzero(hit).squeeze(1))
-                targets.append(j[hit])
-    src = torch.cat(sources)
-    dst = torch.cat(targets)
-    parent = torch.arange(m, device=v.device)
-    while True:
-        while True:  # pointer jumping until every voxel points at its root
-            grand = parent[parent]
-            if torch.equal(grand, parent):
-                break
-            parent = grand
-        ri = parent[src]
-        rj = parent[dst]
-        differ = ri != rj
-        if not bool(differ.any()):
-            break
-        # Parents only ever decrease, so hooking cannot create a cycle.
-        parent = parent.scatter_reduce(0, torch.maximum(ri, rj)[differ],
-                                       torch.minimum(ri, rj)[differ], reduce="amin")
+    src, dst = _touching_pairs(v, coords, in_plane, full)
+    parent = _union_roots(m, src, dst)
     labels[coords[:, 0], coords[:, 1], coords[:, 2]] = parent + 1
     return labels
 

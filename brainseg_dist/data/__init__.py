@@ -113,15 +113,7 @@ def load_dataset(
     problems += csv_problems
     t_list = time.perf_counter() - t0
 
-    patients: list[PatientSlices] = []
-    if len(table):
-        n_folders = table["folder"].nunique()
-        with progress(transient=True, disable=not show_progress) as bar:
-            task = bar.add_task("decoding", total=n_folders, info="")
-            patients = load_patients(
-                table, image_size, cache_dir, use_cache=use_cache,
-                on_patient=lambda p: bar.update(task, advance=1, info=p.folder),
-            )
+    patients = _decode(table, image_size, cache_dir, use_cache, show_progress)
     t_decode = time.perf_counter() - t0 - t_list
 
     valid = np.concatenate([p.valid for p in patients]) if patients else np.zeros(0, bool)
@@ -137,6 +129,19 @@ def load_dataset(
     for p in problems:
         warn(f"skipped {p}")
 
+    table, images, masks = _assemble(table, patients, valid, clinical)
+    timings = {
+        "list_seconds": t_list,
+        "decode_seconds": t_decode,
+        "patients_from_cache": float(sum(p.from_cache for p in patients)),
+        "patients": float(len(patients)),
+    }
+    return SliceData(root, table, images, masks, image_size, skipped=problems, timings=timings)
+
+
+def _assemble(table: pd.DataFrame, patients: list[PatientSlices], valid: np.ndarray,
+              clinical: pd.DataFrame | None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The valid slices' table (labels, native sizes, clinical columns), images and masks."""
     images = np.concatenate([p.images for p in patients])[valid]
     masks = np.concatenate([p.masks for p in patients])[valid]
     tumour = np.concatenate([p.tumour_pixels for p in patients])[valid]
@@ -146,11 +151,15 @@ def load_dataset(
     table["tumour_pixels"] = tumour
     table["native_height"] = shapes[:, 0]
     table["native_width"] = shapes[:, 1]
-    table = join_clinical(table, clinical)
-    timings = {
-        "list_seconds": t_list,
-        "decode_seconds": t_decode,
-        "patients_from_cache": float(sum(p.from_cache for p in patients)),
-        "patients": float(len(patients)),
-    }
-    return SliceData(root, table, images, masks, image_size, skipped=problems, timings=timings)
+    return join_clinical(table, clinical), images, masks
+
+
+def _decode(table: pd.DataFrame, image_size: int, cache_dir: str | Path | None,
+            use_cache: bool, show_progress: bool) -> list[PatientSlices]:
+    """Every patient's slices at the training size, from the cache or decoded."""
+    if not len(table):
+        return []
+    with progress(transient=True, disable=not show_progress) as bar:
+        task = bar.add_task("decoding", total=table["folder"].nunique(), info="")
+        return load_patients(table, image_size, cache_dir, use_cache=use_cache,
+                             on_patient=lambda p: bar.update(task, advance=1, info=p.folder))

@@ -50,47 +50,54 @@ def list_slices(root: str | Path) -> tuple[pd.DataFrame, list[DataProblem]]:
     rows = []
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for folder in folders:
-        images: dict[int, Path] = {}
-        masks: dict[int, Path] = {}
-        clashing: set[int] = set()
-        for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in (".tif", ".tiff"):
-                continue
-            m = _SLICE_RE.match(f.name)
-            if m is None or m["folder"] != folder.name:
-                problems.append(
-                    DataProblem(f, f"unexpected file name; expected {folder.name}_<n>[_mask].tif")
-                )
-                continue
-            found = masks if m["mask"] else images
-            n = int(m["n"])
-            if n in found:  # _5.tif and _5.tiff, or _01 and _1: which one is meant?
-                problems.append(DataProblem(f, f"slice number {n} again: {found[n].name} has "
-                                               "it too; keep only one of the two files"))
-                clashing.add(n)
-                continue
-            found[n] = f
-        if not images and not masks:
-            problems.append(DataProblem(folder, "patient folder has no slices"))
-            continue
-        for n in sorted(set(images) | set(masks)):
-            if n in clashing:
-                continue
-            if n not in masks:
-                problems.append(DataProblem(images[n], "image has no mask (expected "
-                                            f"{folder.name}_{n}_mask.tif)"))
-            elif n not in images:
-                problems.append(DataProblem(masks[n], "mask has no image (expected "
-                                            f"{folder.name}_{n}.tif)"))
-            else:
-                rows.append((patient_id(folder.name), folder.name, site_of(folder.name), n,
-                             str(images[n]), str(masks[n])))
+        rows += _folder_pairs(folder, problems)
     if not folders:
         problems.append(DataProblem(root, "dataset root is empty: no patient folders"))
     elif not rows and not problems:
         problems.append(DataProblem(root, "no image/mask pairs found"))
     table = pd.DataFrame(rows, columns=SLICE_COLUMNS)
     return table, problems
+
+
+def _folder_pairs(folder: Path, problems: list[DataProblem]) -> list[tuple]:
+    """The image/mask pairs of one patient folder (table rows); problems are appended."""
+    images: dict[int, Path] = {}
+    masks: dict[int, Path] = {}
+    clashing: set[int] = set()
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() not in (".tif", ".tiff"):
+            continue
+        m = _SLICE_RE.match(f.name)
+        if m is None or m["folder"] != folder.name:
+            problems.append(
+                DataProblem(f, f"unexpected file name; expected {folder.name}_<n>[_mask].tif")
+            )
+            continue
+        found = masks if m["mask"] else images
+        n = int(m["n"])
+        if n in found:  # _5.tif and _5.tiff, or _01 and _1: which one is meant?
+            problems.append(DataProblem(f, f"slice number {n} again: {found[n].name} has "
+                                           "it too; keep only one of the two files"))
+            clashing.add(n)
+            continue
+        found[n] = f
+    if not images and not masks:
+        problems.append(DataProblem(folder, "patient folder has no slices"))
+        return []
+    rows = []
+    for n in sorted(set(images) | set(masks)):
+        if n in clashing:
+            continue
+        if n not in masks:
+            problems.append(DataProblem(images[n], "image has no mask (expected "
+                                        f"{folder.name}_{n}_mask.tif)"))
+        elif n not in images:
+            problems.append(DataProblem(masks[n], "mask has no image (expected "
+                                        f"{folder.name}_{n}.tif)"))
+        else:
+            rows.append((patient_id(folder.name), folder.name, site_of(folder.name), n,
+                         str(images[n]), str(masks[n])))
+    return rows
 
 
 def read_clinical(root: str | Path) -> tuple[pd.DataFrame | None, list[DataProblem]]:
