@@ -153,3 +153,19 @@ def test_empty_dir_fails(tmp_path):
     assert "error:" in err
     assert "empty" in err
     assert "Traceback" not in result.stderr
+
+
+def test_summary_table_in_process(synth_root, capsys):
+    """The table ``brainseg data summary`` prints, from the library's summary of a root."""
+    from brainseg_dist.data import load_dataset
+    from brainseg_dist.data.summary import summarize
+    from brainseg_dist.report import print_data_summary
+
+    data = load_dataset(synth_root, image_size=32, show_progress=False)
+    summary = {**summarize(data.table), "skipped_slices": [],
+               "timings": {k: round(v, 4) for k, v in data.timings.items()}}
+    print_data_summary(summary)
+    out = capsys.readouterr().out
+    assert "Dataset summary" in out
+    assert f"{summary['patients']}" in out
+    assert "decode time" in out

@@ -69,6 +69,24 @@ def test_cv_summary_tests_every_patient_once(cv_run, synth_root):
 
 
 @pytest.mark.slow
+def test_cv_summary_table_and_fold_configs(cv_run, capsys):
+    """The console table of the summary; each fold trains in its own directory, no export."""
+    from brainseg_dist import rundir
+    from brainseg_dist.config import load_config
+    from brainseg_dist.cv import fold_config
+    from brainseg_dist.report import print_cv_summary
+
+    out, _ = cv_run
+    summary = json.loads((out / rundir.CV_SUMMARY).read_text())
+    print_cv_summary(summary, out)
+    err = capsys.readouterr().err
+    assert "3-fold cross-validation" in err
+    assert "95% CI of the mean" in err
+    cfg = fold_config(load_config(out / "fold_0" / rundir.CONFIG), out, 2)
+    assert cfg.train.output_dir == str(rundir.fold_dir(out, 2))
+    assert cfg.train.export is False
+
+
 def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_root,
                                                                tmp_path):
     out, _ = cv_run

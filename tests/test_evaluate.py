@@ -173,3 +173,13 @@ def test_cli_evaluate_default_test_split(trained_run, tmp_path):
     assert "patient Dice mean" in err  # the rich table
     assert "tta *" in err
 
+
+def test_console_table_names_every_variant_and_the_headline(evaluated, capsys):
+    from brainseg_dist.report import print_eval_summary
+
+    print_eval_summary(evaluated.summary, evaluated.out)
+    err = unwrap(capsys.readouterr().err)
+    for variant in evaluated.summary["variants"]:
+        assert variant in err
+    assert f"headline ({evaluated.summary['headline']})" in err
+    assert str(evaluated.out) in err
