@@ -101,7 +101,7 @@ def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: in
     if as_json:
         click.echo(dumps_strict(summary, indent=2))
     else:
-        from brainseg_dist.report import print_data_summary
+        from brainseg_dist.tables import print_data_summary
 
         print_data_summary(summary)
 
@@ -284,7 +284,7 @@ def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool |
     import torch
 
     from brainseg_dist.cv import run_cv
-    from brainseg_dist.report import print_cv_summary
+    from brainseg_dist.tables import print_cv_summary
 
     cfg = _config_from_options(config_path, set_pairs, cpu, skip_invalid, options)
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
@@ -326,7 +326,7 @@ def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tt
     At native resolution: per-patient 3D Dice, slice-level metrics, HD95 and diagnosis, for
     the plain/TTA/LCC variants; writes per_patient.csv, summary.json and figures."""
     from brainseg_dist.evaluate import evaluate_run
-    from brainseg_dist.report import print_eval_summary
+    from brainseg_dist.tables import print_eval_summary
 
     result = evaluate_run(run_dir, split=split, data_dir=data_dir, tta=tta, lcc=lcc,
                           checkpoint=checkpoint, out=out, batch_size=batch_size, device=device)

@@ -159,7 +159,7 @@ def test_summary_table_in_process(synth_root, capsys):
     """The table ``brainseg data summary`` prints, from the library's summary of a root."""
     from brainseg_dist.data import load_dataset
     from brainseg_dist.data.summary import summarize
-    from brainseg_dist.report import print_data_summary
+    from brainseg_dist.tables import print_data_summary
 
     data = load_dataset(synth_root, image_size=32, show_progress=False)
     summary = {**summarize(data.table), "skipped_slices": [],

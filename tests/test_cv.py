@@ -74,7 +74,7 @@ def test_cv_summary_table_and_fold_configs(cv_run, capsys):
     from brainseg_dist import rundir
     from brainseg_dist.config import load_config
     from brainseg_dist.cv import fold_config
-    from brainseg_dist.report import print_cv_summary
+    from brainseg_dist.tables import print_cv_summary
 
     out, _ = cv_run
     summary = json.loads((out / rundir.CV_SUMMARY).read_text())

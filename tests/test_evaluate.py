@@ -175,7 +175,7 @@ def test_cli_evaluate_default_test_split(trained_run, tmp_path):
 
 
 def test_console_table_names_every_variant_and_the_headline(evaluated, capsys):
-    from brainseg_dist.report import print_eval_summary
+    from brainseg_dist.tables import print_eval_summary
 
     print_eval_summary(evaluated.summary, evaluated.out)
     err = unwrap(capsys.readouterr().err)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("augment",),
     ("model", "postprocess", "ema"),
-    ("metrics", "viz", "report"),
+    ("metrics", "viz", "tables"),
     ("checkpoint",),
     ("rundir",),
     ("pipeline",),
