@@ -63,6 +63,9 @@ class ModelConfig:
     depth: int = 4
     channels_last: bool = True
     sync_batchnorm: bool = True  # across GPUs under DDP (torch supports it on CUDA only)
+    # Share of tumour pixels the untrained head predicts (its bias starts at the logit of it);
+    # 0: torch's default init (p = 0.5 everywhere).
+    foreground_prior: float = 0.0
 
 
 @dataclass
@@ -256,6 +259,7 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
          "data.fold must be in [0, data.folds)"),
         (config.model.base_width >= 1 and 1 <= config.model.depth <= 6,
          "model.base_width >= 1 and 1 <= model.depth <= 6"),
+        (0 <= config.model.foreground_prior < 1, "model.foreground_prior must be in [0, 1)"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.bce_weight >= 0 and config.optim.dice_weight >= 0
          and config.optim.bce_weight + config.optim.dice_weight > 0,

@@ -227,7 +227,8 @@ class Trainer:
             SliceDataset(self.val_data), batch_size=cfg.train.batch_size, shuffle=False,
             num_workers=cfg.data.num_workers, collate_fn=collate_batch)
 
-        model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last)
+        model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last,
+                            cfg.model.foreground_prior)
         if (cfg.model.sync_batchnorm and self.accelerator.num_processes > 1
                 and device.type == "cuda"):  # SyncBatchNorm is GPU-only in torch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
