@@ -55,6 +55,9 @@ class AugmentConfig:
     # does not undo (it removes any brightness/contrast change).
     gamma_p: float = 0.0
     gamma_range: float = 0.3  # gamma uniform in [1/(1+r), 1+r], one per slice
+    # Chance, per slice and separately for pre- and post-contrast, that the channel is replaced
+    # by FLAIR: how kaggle_3m (and FLAIR-only input) fills a sequence the scan did not have.
+    missing_sequence_p: float = 0.0
 
 
 @dataclass
@@ -285,7 +288,8 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
          "augment.elastic_alpha >= 0 and augment.elastic_sigma > 0"),
         (config.augment.intensity_strength >= 0, "augment.intensity_strength must be >= 0"),
     ]
-    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p", "gamma_p"):
+    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p", "gamma_p",
+                 "missing_sequence_p"):
         checks.append((0 <= getattr(config.augment, name) <= 1, f"augment.{name} in [0, 1]"))
     for ok, message in checks:
         if not ok:
