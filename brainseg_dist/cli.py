@@ -364,10 +364,11 @@ def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tt
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
               help="Largest allowed |probability difference| against the eager model.")
 @click.option("--no-pt2", is_flag=True, help="Skip the torch.export program (model.pt2).")
+@click.option("--no-onnx", is_flag=True, help="Skip model.onnx (needs brainseg-dist[onnx]).")
 @reports_errors
 def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: float,
-                   no_pt2: bool) -> None:
-    """Write model.ts (TorchScript) and model.pt2 of a run.
+                   no_pt2: bool, no_onnx: bool) -> None:
+    """Write model.ts (TorchScript), model.pt2 and model.onnx of a run.
 
     One end-to-end module (raw slices in, probabilities out), checked against the eager
     model before it is written. RUN_DIR may be a `brainseg cv` directory: then the module
@@ -382,7 +383,8 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
         return
     from brainseg_dist.export import export_run
 
-    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2)
+    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2,
+               onnx=not no_onnx)
 
 
 @main.command("predict")
@@ -401,7 +403,7 @@ def predict_command(model: Path, input_path: Path, out: Path, batch_size: int, d
                     threshold: float | None, no_overlays: bool) -> None:
     """Segment new slices with an exported model.
 
-    MODEL is model.ts or a run directory; INPUT a .tif slice, a patient folder or a
+    MODEL is model.ts, model.onnx or a run directory; INPUT a .tif slice, a patient folder or a
     kaggle_3m root. Writes masks, overlays and tumour-size CSVs to OUT."""
     from brainseg_dist.predict import predict
 

@@ -320,14 +320,20 @@ def resolve_model(model: str | Path) -> Path:
             export_run(model)
         return ts
     if not model.is_file():
-        raise BrainsegError(f"{model}: model not found (expected model.ts or a run directory)")
+        raise BrainsegError(f"{model}: model not found (expected model.ts, model.onnx or a run "
+                            "directory)")
     return model
 
 
 def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    """Load ``model.ts`` on ``device`` with its metadata (attributes and metadata.json)."""
+    """Load ``model.ts`` on ``device`` (or ``model.onnx`` for onnxruntime) with its metadata
+    (attributes and metadata.json)."""
     from brainseg_dist.export import load_torchscript
 
+    if path.suffix.lower() == ".onnx":
+        from brainseg_dist.onnx_export import load_onnx
+
+        return load_onnx(path, device)
     module, meta = load_torchscript(path, device)
     meta.setdefault("threshold", float(module.threshold))
     meta.setdefault("normalization", str(module.normalization))

@@ -40,7 +40,7 @@ def exported(trained_run, tmp_path_factory):
     with warnings.catch_warnings():
         # Export must not leak torch's TorchScript deprecation warnings: it filters them.
         warnings.filterwarnings("error", message=r"`torch\.jit", category=DeprecationWarning)
-        return export_run(trained_run, out=out, verbose=False)
+        return export_run(trained_run, out=out, verbose=False, onnx=False)  # test_onnx.py
 
 
 @pytest.fixture(scope="module")
