@@ -443,8 +443,14 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = "best.pt",
         scripted = script_pipeline(ckpt)
     except Exception as exc:  # the TorchScript compiler raises its own frontend errors
         raise ExportError(f"{ckpt.path}: TorchScript compilation failed ({exc})") from exc
-    return write_checked_exports(eager, scripted, images, source, out, metadata(ckpt),
-                                 tolerance, pt2, verbose, onnx)
+    from brainseg_dist.model_card import model_card
+
+    meta = {**metadata(ckpt), **model_card(ckpt, run_dir)}
+    res = write_checked_exports(eager, scripted, images, source, out, meta, tolerance, pt2,
+                                verbose, onnx)
+    card = out.parent / METADATA_FILE  # beside the exports, as in a MONAI bundle
+    atomic_write(card, lambda p: p.write_text(dumps_strict(res.metadata, indent=2)))
+    return res
 
 
 def write_checked_exports(eager: nn.Module, scripted: torch.jit.ScriptModule,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -12,7 +13,12 @@ import torch.nn.functional as F
 from helpers import REPO, run_cli
 
 from brainseg_dist.errors import BrainsegError
-from brainseg_dist.export import build_pipeline, export_run, load_checkpoint
+from brainseg_dist.export import (
+    build_pipeline,
+    export_run,
+    load_checkpoint,
+    quiet_jit_deprecation,
+)
 from brainseg_dist.onnx_export import OnnxPipeline, load_onnx, missing_packages, write_onnx
 from brainseg_dist.predict import predict
 
@@ -43,6 +49,29 @@ def test_onnx_written_with_parity_and_metadata(exported, trained_run):
     assert meta["threshold"] == ckpt.threshold == model.threshold
     assert meta["config_hash"] == ckpt.config_hash
     assert meta["onnx"]["input"].startswith("image: N×3×H×W uint8")
+
+
+def test_model_card_beside_and_inside_every_export(exported, trained_run):
+    """MONAI-bundle metadata: metadata.json beside the exports, and the same keys in model.ts
+    (extra file) and model.onnx (metadata_props)."""
+    beside = json.loads((exported.torchscript.parent / "metadata.json").read_text())
+    files = {"metadata.json": ""}
+    with quiet_jit_deprecation():
+        torch.jit.load(str(exported.torchscript), _extra_files=files)
+    inside_ts = json.loads(files["metadata.json"])
+    _, inside_onnx = load_onnx(exported.onnx.path)
+    for card in (beside, inside_ts, inside_onnx):
+        fmt = card["network_data_format"]
+        assert fmt["inputs"]["image"]["num_channels"] == 3
+        assert fmt["inputs"]["image"]["value_range"] == [0, 255]
+        assert fmt["inputs"]["image"]["channel_def"]["1"] == "FLAIR"
+        assert fmt["outputs"]["pred"]["value_range"] == [0, 1]
+        assert card["pytorch_version"] == torch.__version__.split("+")[0]
+        assert card["training_data"]["synthetic"] is True
+        assert card["metrics"]["validation"]["epoch"] == load_checkpoint(
+            trained_run / "best.pt").epoch
+        assert "protocol" in card["metrics"]["validation"]
+    assert inside_ts["parity"]["max_abs_diff"] == exported.max_abs_diff
 
 
 def test_onnx_dynamic_batch_and_size(exported, eager, trained_run):
