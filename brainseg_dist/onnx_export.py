@@ -275,7 +275,7 @@ def write_onnx(eager: nn.Module, images: torch.Tensor, batches: list[torch.Tenso
         warn(f"{exc}; model.ts is unaffected")
         return None
     parity = OnnxParity(path, state["diff"], state["differing"],
-                        f"{len(keep)} uint8 batches (native, odd-size crop, small)")
+                        f"{len(keep)} uint8 batches (native size and odd-size crop)")
     if verbose:
         console.print(f"wrote {path}: ONNX (dynamo exporter, opset {OPSET}), dynamic batch and "
                       f"H×W, uint8 input; onnxruntime vs eager max |Δp| {parity.max_abs_diff:.2e}"
