@@ -364,10 +364,11 @@ def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tt
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
               help="Largest allowed |probability difference| against the eager model.")
 @click.option("--no-pt2", is_flag=True, help="Skip the torch.export program (model.pt2).")
+@click.option("--no-onnx", is_flag=True, help="Skip model.onnx (needs brainseg-dist[onnx]).")
 @reports_errors
 def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: float,
-                   no_pt2: bool) -> None:
-    """Write model.ts (TorchScript) and model.pt2 of a run.
+                   no_pt2: bool, no_onnx: bool) -> None:
+    """Write model.ts (TorchScript), model.pt2 and model.onnx of a run.
 
     One end-to-end module (raw slices in, probabilities out), checked against the eager
     model before it is written. RUN_DIR may be a `brainseg cv` directory: then the module
@@ -382,13 +383,20 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
         return
     from brainseg_dist.export import export_run
 
-    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2)
+    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2,
+               onnx=not no_onnx)
 
 
 @main.command("predict")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("paths", metavar="[INPUT] OUT", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
+@click.option("--pre", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Pre-contrast NIfTI volume (co-registered with the FLAIR one).")
+@click.option("--flair", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="FLAIR NIfTI volume (instead of INPUT).")
+@click.option("--post", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Post-contrast NIfTI volume (co-registered with the FLAIR one).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Slices per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -397,16 +405,29 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
               help="Probability threshold [default: the model's training threshold].")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs.")
 @reports_errors
-def predict_command(model: Path, input_path: Path, out: Path, batch_size: int, device: str,
-                    threshold: float | None, no_overlays: bool) -> None:
-    """Segment new slices with an exported model.
+def predict_command(model: Path, paths: tuple[Path, ...], pre: Path | None, flair: Path | None,
+                    post: Path | None, batch_size: int, device: str, threshold: float | None,
+                    no_overlays: bool) -> None:
+    """Segment new slices or volumes with an exported model.
 
-    MODEL is model.ts or a run directory; INPUT a .tif slice, a patient folder or a
-    kaggle_3m root. Writes masks, overlays and tumour-size CSVs to OUT."""
+    MODEL is model.ts, model.onnx or a run directory; INPUT a .tif slice, a patient folder,
+    a kaggle_3m root, a FLAIR NIfTI volume (.nii/.nii.gz), nnU-Net-style CASE_000k.nii.gz
+    files (0000 pre-contrast, 0001 FLAIR, 0002 post-contrast) or a folder of them; or leave
+    INPUT out and give --flair (with --pre/--post). Writes masks (CASE_seg.nii.gz for NIfTI),
+    overlays and tumour-size CSVs (mm³ for NIfTI) to OUT."""
     from brainseg_dist.predict import predict
 
+    if len(paths) > 2:
+        raise click.UsageError(f"expected [INPUT] OUT, got {len(paths)} paths")
+    input_path, out = (None, paths[0]) if len(paths) == 1 else paths
     r = predict(model, input_path, out, batch_size=batch_size, device=device,
-                threshold=threshold, overlays=not no_overlays)
+                threshold=threshold, overlays=not no_overlays, pre=pre, flair=flair, post=post)
+    if r.kind == "nifti":
+        total = float(r.volume["volume_mm3"].sum()) if len(r.volume) else 0.0
+        console.print(f"{r.folders} NIfTI case(s), {r.slices} axial slices in {r.seconds:.1f} s"
+                      f"; tumour volume {total:.0f} mm³; wrote CASE_seg.nii.gz, "
+                      f"tumour_volume.csv and tumour_area.csv to {r.out}", highlight=False)
+        return
     total = int(r.volume["tumour_pixels"].sum()) if len(r.volume) else 0
     console.print(f"{r.slices} slice(s) in {r.folders} folder(s) ({r.kind}) in "
                   f"{r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s); tumour pixels "

@@ -27,6 +27,7 @@ from brainseg_dist.data.scan import list_slices
 from brainseg_dist.errors import BrainsegError, DatasetError
 from brainseg_dist.io import atomic_write_json, json_safe
 from brainseg_dist.metrics import hd95_per_slice, overlap_counts, slice_metrics
+from brainseg_dist.report import cv_report, strip_data
 
 VARIANTS = ("plain", "post-processed")
 PROTOCOL = (
@@ -124,6 +125,7 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
     dice: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
     oof_scores = []
     folds_detail = []
+    strips: dict[str, dict[str, Any]] = {}  # report.html: a few slices per patient
     with progress() as bar:
         task = bar.add_task("evaluating folds", total=len(plan["splits"]), info="")
         for split in plan["splits"]:
@@ -149,6 +151,7 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
                     hd[name].append(hd95_per_slice(mask, truth))
                     dice[name][p] = pp.patient_dice(mask, truth)
                     row[f"dice_{name}"] = dice[name][p]
+                strips[p] = strip_data(rows_by_patient[p], mask, truth)  # post-processed
                 rows.append(row)
             folds_detail.append({"fold": k, "train": split["train"], "val": split["val"],
                                  "test": split["test"], "postprocessing": setting.describe(),
@@ -184,6 +187,8 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
     }
     per_patient = pd.DataFrame(rows)
     _figure(out, dice["post-processed"], headline)
+    cv_report(out, json_safe(summary), per_patient, strips,
+              [fold_dir(out, s["fold"]) for s in plan["splits"]])
     console.print(f"evaluated {len(rows)} patients in {summary['seconds']:.0f} s")
     return json_safe(summary), per_patient
 

@@ -48,6 +48,7 @@ from brainseg_dist.io import (
     atomic_write_bytes,
     atomic_write_json,
     check_writable,
+    json_safe,
     read_json,
 )
 from brainseg_dist.metrics import (
@@ -376,6 +377,10 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
         "seconds": time.perf_counter() - t0,
     }
     atomic_write_json(out / "summary.json", summary)  # strict JSON: NaN becomes null
+    if figures:
+        from brainseg_dist.report import evaluation_report
+
+        written.append(evaluation_report(out, json_safe(summary), per_patient, results))
     return EvalResult(out, summary, per_patient, written)
 
 

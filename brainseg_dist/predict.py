@@ -320,14 +320,20 @@ def resolve_model(model: str | Path) -> Path:
             export_run(model)
         return ts
     if not model.is_file():
-        raise BrainsegError(f"{model}: model not found (expected model.ts or a run directory)")
+        raise BrainsegError(f"{model}: model not found (expected model.ts, model.onnx or a run "
+                            "directory)")
     return model
 
 
 def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    """Load ``model.ts`` on ``device`` with its metadata (attributes and metadata.json)."""
+    """Load ``model.ts`` on ``device`` (or ``model.onnx`` for onnxruntime) with its metadata
+    (attributes and metadata.json)."""
     from brainseg_dist.export import load_torchscript
 
+    if path.suffix.lower() == ".onnx":
+        from brainseg_dist.onnx_export import load_onnx
+
+        return load_onnx(path, device)
     module, meta = load_torchscript(path, device)
     meta.setdefault("threshold", float(module.threshold))
     meta.setdefault("normalization", str(module.normalization))
@@ -335,11 +341,15 @@ def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
     return module, meta
 
 
-def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 32,
+def predict(model: str | Path, input_path: str | Path | None, out: str | Path, batch_size: int = 32,
             device: str = "cpu", threshold: float | None = None, overlays: bool = True,
             show_progress: bool = True,
-            on_folder: Callable[[str, int], None] | None = None) -> PredictResult:
+            on_folder: Callable[[str, int], None] | None = None, pre: Path | None = None,
+            flair: Path | None = None, post: Path | None = None) -> PredictResult:
     """Segment every slice under INPUT and write masks, overlays and tumour-size CSVs.
+
+    NIfTI input (a volume, nnU-Net-style channel files, a folder of them, or ``pre``/``flair``/
+    ``post``) goes to :func:`brainseg_dist.nifti.predict_nifti` instead.
 
     Args:
         model: ``model.ts`` or a run directory.
@@ -359,6 +369,11 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
         BrainsegError: bad model, unreadable or wrongly shaped input (the file is named),
             an output that would overwrite an input, or an unavailable device.
     """
+    from brainseg_dist.nifti import find_cases, predict_nifti
+
+    cases = find_cases(None if input_path is None else Path(input_path), pre, flair, post)
+    if cases is not None:
+        return predict_nifti(model, cases, out, batch_size, device, threshold, show_progress)
     t0 = time.perf_counter()
     input_path, out = Path(input_path), Path(out)
     check_device(device)

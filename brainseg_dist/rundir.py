@@ -18,7 +18,7 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 # pass for the new one (a model.ts exported from the old best.pt above all). The synthetic
 # dataset is kept; it is regenerated when its parameters differ.
 STALE_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "split.json",
-               "validation.json", "model.ts", "model.pt2")
+               "validation.json", "model.ts", "model.pt2", "model.onnx", "metadata.json")
 STALE_FOLDERS = ("tensorboard",)
 
 
