@@ -103,7 +103,7 @@ class TrainConfig:
     stop_after_epoch: int = 0  # end this invocation after this epoch (then --resume); 0: off
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
-    export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends
+    export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
 
 
 @dataclass

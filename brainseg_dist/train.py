@@ -491,7 +491,8 @@ class Trainer:
             if cfg.train.export and finished and (self.out / "best.pt").exists():
                 from brainseg_dist.export import export_run
 
-                export_run(self.out)
+                # model.onnx (about 17 s more on CPU) is left to an explicit `brainseg export`.
+                export_run(self.out, onnx=False)
         return TrainResult(self.out, self.best_epoch, self.best, len(self.history), self.history,
                            stopped_early)
 
