@@ -15,6 +15,31 @@ from brainseg_dist.config import AugmentConfig
 from brainseg_dist.preprocess import to_unit
 
 
+def fill_missing_sequences(images: torch.Tensor, p: float) -> torch.Tensor:
+    """Replace pre-contrast (channel 0) and, independently, post-contrast (channel 2) with
+    FLAIR (channel 1), each with probability ``p`` per slice.
+
+    kaggle_3m stores FLAIR in the place of a sequence a patient lacks, and FLAIR-only input is
+    filled the same way, so the model should see such slices in training.
+
+    Args:
+        images: ``N×3×H×W`` (pre-contrast, FLAIR, post-contrast), any dtype.
+        p: probability per slice and replaced channel.
+
+    Returns:
+        A new tensor of the same dtype and memory format.
+    """
+    n = images.shape[0]
+    drop = torch.rand(n, 2, device=images.device) < p
+    flair = images[:, 1:2]
+    pre = torch.where(drop[:, 0, None, None, None], flair, images[:, 0:1])
+    post = torch.where(drop[:, 1, None, None, None], flair, images[:, 2:3])
+    out = torch.cat([pre, flair, post], dim=1)
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 class DeviceAugment(nn.Module):
     """Random rotation, flips, elastic deformation and optional intensity jitter on a batch.
 
@@ -48,9 +73,14 @@ class DeviceAugment(nn.Module):
 
     @torch.no_grad()
     def intensity(self, images: torch.Tensor) -> torch.Tensor:
-        """Random gamma on raw images (uint8 or float on the 0..255 scale), before
-        normalization; returns the input unchanged when off or in eval mode."""
-        if self.gamma is None or not self.cfg.enabled or not self.training:
+        """Changes of raw images (uint8 or float on the 0..255 scale), before normalization:
+        a missing pre- or post-contrast sequence filled with FLAIR, then random gamma.
+        Returns the input unchanged when both are off or in eval mode."""
+        if not self.cfg.enabled or not self.training:
+            return images
+        if self.cfg.missing_sequence_p > 0:
+            images = fill_missing_sequences(images, self.cfg.missing_sequence_p)
+        if self.gamma is None:
             return images
         return self.gamma(to_unit(images)) * 255.0
 

@@ -97,33 +97,15 @@ def data_summary(root: Path, as_json: bool, figures: Path | None, image_size: in
     summary["skipped_slices"] = [str(p) for p in data.skipped]
     summary["timings"] = {k: round(v, 4) for k, v in data.timings.items()}
     if figures is not None:
-        summary["figures"] = [str(p) for p in _dataset_figures(data, figures)]
+        from brainseg_dist.viz import dataset_figures
+
+        summary["figures"] = [str(p) for p in dataset_figures(data, figures)]
     if as_json:
         click.echo(dumps_strict(summary, indent=2))
     else:
         from brainseg_dist.tables import print_data_summary
 
         print_data_summary(summary)
-
-
-def _dataset_figures(data, out: Path) -> list[Path]:
-    from brainseg_dist import viz
-    from brainseg_dist.data.decode import read_pair
-
-    table = data.table
-    pos = table[table["diagnosis"] == 1].sort_values("tumour_pixels", ascending=False)
-    rows = list(pos.drop_duplicates("patient").head(4).index)
-    rows += list(table[table["diagnosis"] == 0].drop_duplicates("patient").head(6 - len(rows))
-                 .index)
-    pairs = [read_pair(table.at[i, "image_path"], table.at[i, "mask_path"]) for i in rows]
-    titles = [f"{table.at[i, 'folder']}\nslice {table.at[i, 'slice']}" for i in rows]
-    out.mkdir(parents=True, exist_ok=True)
-    return [
-        viz.sample_grid([p[0] for p in pairs], [p[1] for p in pairs], titles,
-                        out / "samples.png"),
-        viz.class_balance(table, out / "class_balance.png"),
-        viz.tumour_size_histogram(table, out / "tumour_sizes.png"),
-    ]
 
 
 TRAIN_OVERRIDES = {
@@ -342,10 +324,11 @@ def evaluate_command(run_dir: Path, split: str | None, data_dir: Path | None, tt
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
               help="Largest allowed |probability difference| against the eager model.")
 @click.option("--no-pt2", is_flag=True, help="Skip the torch.export program (model.pt2).")
+@click.option("--no-onnx", is_flag=True, help="Skip model.onnx (needs brainseg-dist[onnx]).")
 @reports_errors
 def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: float,
-                   no_pt2: bool) -> None:
-    """Write model.ts (TorchScript) and model.pt2 of a run.
+                   no_pt2: bool, no_onnx: bool) -> None:
+    """Write model.ts (TorchScript), model.pt2 and model.onnx of a run.
 
     One end-to-end module (raw slices in, probabilities out), checked against the eager
     model before it is written. RUN_DIR may be a `brainseg cv` directory: then the module
@@ -358,13 +341,20 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
         export_ensemble(run_dir, out=out, tolerance=tolerance, pt2=not no_pt2)
         return
 
-    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2)
+    export_run(run_dir, checkpoint=checkpoint, out=out, tolerance=tolerance, pt2=not no_pt2,
+               onnx=not no_onnx)
 
 
 @main.command("predict")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("paths", metavar="[INPUT] OUT", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
+@click.option("--pre", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Pre-contrast NIfTI volume (co-registered with the FLAIR one).")
+@click.option("--flair", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="FLAIR NIfTI volume (instead of INPUT).")
+@click.option("--post", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Post-contrast NIfTI volume (co-registered with the FLAIR one).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Slices per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -373,17 +363,31 @@ def export_command(run_dir: Path, checkpoint: str, out: Path | None, tolerance: 
               help="Probability threshold [default: the model's training threshold].")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs.")
 @reports_errors
-def predict_command(model: Path, input_path: Path, out: Path, batch_size: int, device: str,
-                    threshold: float | None, no_overlays: bool) -> None:
-    """Segment new slices with an exported model.
+def predict_command(model: Path, paths: tuple[Path, ...], pre: Path | None, flair: Path | None,
+                    post: Path | None, batch_size: int, device: str, threshold: float | None,
+                    no_overlays: bool) -> None:
+    """Segment new slices or volumes with an exported model.
 
-    MODEL is model.ts or a run directory; INPUT a .tif slice, a patient folder or a
-    kaggle_3m root. Writes masks, overlays and tumour-size CSVs to OUT."""
+    MODEL is model.ts, model.onnx or a run directory; INPUT a .tif slice, a patient folder,
+    a kaggle_3m root, a FLAIR NIfTI volume (.nii/.nii.gz), nnU-Net-style CASE_000k.nii.gz
+    files (0000 pre-contrast, 0001 FLAIR, 0002 post-contrast) or a folder of them; or leave
+    INPUT out and give --flair (with --pre/--post). Writes masks (CASE_seg.nii.gz for NIfTI),
+    overlays and tumour-size CSVs (mm³ for NIfTI) to OUT."""
     from brainseg_dist.export import export_run
     from brainseg_dist.predict import predict
 
+    if len(paths) > 2:
+        raise click.UsageError(f"expected [INPUT] OUT, got {len(paths)} paths")
+    input_path, out = (None, paths[0]) if len(paths) == 1 else paths
     r = predict(model, input_path, out, batch_size=batch_size, device=device,
-                threshold=threshold, overlays=not no_overlays, export_missing=export_run)
+                threshold=threshold, overlays=not no_overlays, export_missing=export_run,
+                pre=pre, flair=flair, post=post)
+    if r.kind == "nifti":
+        total = float(r.volume["volume_mm3"].sum()) if len(r.volume) else 0.0
+        console.print(f"{r.folders} NIfTI case(s), {r.slices} axial slices in {r.seconds:.1f} s"
+                      f"; tumour volume {total:.0f} mm³; wrote CASE_seg.nii.gz, "
+                      f"tumour_volume.csv and tumour_area.csv to {r.out}", highlight=False)
+        return
     total = int(r.volume["tumour_pixels"].sum()) if len(r.volume) else 0
     console.print(f"{r.slices} slice(s) in {r.folders} folder(s) ({r.kind}) in "
                   f"{r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s); tumour pixels "

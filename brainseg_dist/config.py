@@ -69,6 +69,9 @@ class AugmentConfig:
     # does not undo (it removes any brightness/contrast change).
     gamma_p: float = 0.0
     gamma_range: float = 0.3  # gamma uniform in [1/(1+r), 1+r], one per slice
+    # Chance, per slice and separately for pre- and post-contrast, that the channel is replaced
+    # by FLAIR: how kaggle_3m (and FLAIR-only input) fills a sequence the scan did not have.
+    missing_sequence_p: float = 0.0
 
 
 @dataclass
@@ -77,6 +80,9 @@ class ModelConfig:
     depth: int = 4
     channels_last: bool = True
     sync_batchnorm: bool = True  # across GPUs under DDP (torch supports it on CUDA only)
+    # Share of tumour pixels the untrained head predicts (its bias starts at the logit of it);
+    # 0: torch's default init (p = 0.5 everywhere).
+    foreground_prior: float = 0.0
 
 
 @dataclass
@@ -111,7 +117,7 @@ class TrainConfig:
     stop_after_epoch: int = 0  # end this invocation after this epoch (then --resume); 0: off
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
-    export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends
+    export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
 
 
 @dataclass
@@ -252,6 +258,13 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
             if allowed is not None and value not in allowed:
                 message = f"{section.name}.{key} must be one of {allowed}, got {value!r}"
                 raise ConfigError(f"{where(message)}: {message}")
+    for ok, message in _range_checks(config):
+        if not ok:
+            raise ConfigError(f"{where(message)}: {message}")
+
+
+def _range_checks(config: Config) -> list[tuple[bool, str]]:
+    """``(holds, message)`` for every range rule of :func:`validate`."""
     checks = [
         (config.data.image_size >= 16 and config.data.image_size % 2 ** config.model.depth == 0,
          f"data.image_size must be >=16 and divisible by {2 ** config.model.depth}"),
@@ -263,6 +276,7 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
          "data.fold must be in [0, data.folds)"),
         (config.model.base_width >= 1 and 1 <= config.model.depth <= 6,
          "model.base_width >= 1 and 1 <= model.depth <= 6"),
+        (0 <= config.model.foreground_prior < 1, "model.foreground_prior must be in [0, 1)"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.bce_weight >= 0 and config.optim.dice_weight >= 0
          and config.optim.bce_weight + config.optim.dice_weight > 0,
@@ -288,11 +302,10 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
          "augment.elastic_alpha >= 0 and augment.elastic_sigma > 0"),
         (config.augment.intensity_strength >= 0, "augment.intensity_strength must be >= 0"),
     ]
-    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p", "gamma_p"):
+    for name in ("rotation_p", "hflip_p", "vflip_p", "elastic_p", "intensity_p", "gamma_p",
+                 "missing_sequence_p"):
         checks.append((0 <= getattr(config.augment, name) <= 1, f"augment.{name} in [0, 1]"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{where(message)}: {message}")
+    return checks
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -29,6 +29,7 @@ from brainseg_dist.errors import BrainsegError, DatasetError
 from brainseg_dist.io import atomic_write_json, json_safe
 from brainseg_dist.metrics import bootstrap_ci, hd95_per_slice, overlap_counts, slice_metrics
 from brainseg_dist.pipeline import from_checkpoint, patient_probabilities, read_folder
+from brainseg_dist.report import cv_report, strip_data
 
 VARIANTS = ("plain", "post-processed")
 PROTOCOL = (
@@ -88,7 +89,7 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
 
     Returns:
         ``(summary, per-patient table)``; also writes each fold's ``postprocessing.json``,
-        ``ensemble_postprocessing.json`` and ``dice_per_patient.png``.
+        ``ensemble_postprocessing.json``, ``dice_per_patient.png`` and ``report.html``.
     """
     t0 = time.perf_counter()
     rows_by_patient = _rows_by_patient(plan)
@@ -106,7 +107,7 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
             test = [preds[p] for p in split["test"]]
             oof_scores.append(pp.score_candidates(test, settings))
             for p, pred in zip(split["test"], test, strict=True):
-                scores.add(p, k, pred, setting)
+                scores.add(p, k, pred, setting, rows_by_patient[p])
             folds_detail.append({"fold": k, "train": split["train"], "val": split["val"],
                                  "test": split["test"], "postprocessing": setting.describe(),
                                  "val_dice_plain": val_before, "val_dice_chosen": val_after})
@@ -128,9 +129,12 @@ def evaluate_cv(out: Path, plan: dict[str, Any], batch_size: int = 16,
         "ensemble_postprocessing": ensemble_setting.describe(),
         "seconds": time.perf_counter() - t0,
     }
+    per_patient = pd.DataFrame(scores.rows)
     _figure(out, scores.dice["post-processed"], headline)
+    cv_report(out, json_safe(summary), per_patient, scores.strips,
+              [rundir.fold_dir(out, s["fold"]) for s in plan["splits"]])
     console.print(f"evaluated {len(scores.rows)} patients in {summary['seconds']:.0f} s")
-    return json_safe(summary), pd.DataFrame(scores.rows)
+    return json_safe(summary), per_patient
 
 
 def _rows_by_patient(plan: dict[str, Any]) -> dict[str, pd.DataFrame]:
@@ -185,8 +189,10 @@ class _Scores:
         self.counts: dict[str, list] = {v: [] for v in VARIANTS}
         self.hd: dict[str, list] = {v: [] for v in VARIANTS}
         self.dice: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+        self.strips: dict[str, dict[str, Any]] = {}  # report.html: a few slices per patient
 
-    def add(self, patient: str, fold: int, pred: tuple, setting: pp.PostProcessing) -> None:
+    def add(self, patient: str, fold: int, pred: tuple, setting: pp.PostProcessing,
+            rows: pd.DataFrame) -> None:
         p_id, p_flip, truth = pred
         row = {"patient": patient, "fold": fold, "slices": len(truth),
                "gt_voxels": int(truth.sum())}
@@ -196,6 +202,7 @@ class _Scores:
             self.hd[name].append(hd95_per_slice(mask, truth))
             self.dice[name][patient] = pp.patient_dice(mask, truth)
             row[f"dice_{name}"] = self.dice[name][patient]
+        self.strips[patient] = strip_data(rows, mask, truth)  # the post-processed masks
         self.rows.append(row)
 
 

@@ -47,6 +47,7 @@ from brainseg_dist.io import (
     atomic_write_bytes,
     atomic_write_json,
     check_writable,
+    json_safe,
     read_json,
 )
 from brainseg_dist.metrics import (
@@ -66,6 +67,7 @@ from brainseg_dist.pipeline import (
     patient_probabilities,
     read_folder,
 )
+from brainseg_dist.report import evaluation_report
 from brainseg_dist.rundir import data_root, eval_dir, existing_run_dir, is_cv_dir
 
 VARIANTS = ("plain", "tta", "lcc", "tta+lcc")
@@ -286,16 +288,27 @@ def evaluate_run(run_dir: str | Path, split: str | None = None,
     summary = {
         "run_dir": str(run_dir), "checkpoint": str(ckpt.path),
         "checkpoint_epoch": ckpt.epoch, "config_hash": ckpt.config_hash,
-        "data_dir": str(root), "split": split, "patients": len(per_patient),
-        "slices": int(sum(r.slices for r in results)), "threshold": pipeline.threshold,
-        "image_size": ckpt.image_size, "normalization": ckpt.normalization,
-        "resolution": "native (masks as stored; probabilities resized to native size)",
-        "headline": headline, "headline_metrics": variants[headline]["patient_dice"],
-        "variants": variants, "conventions": CONVENTIONS,
+        "data_dir": str(root), "split": split, **_scored(results, pipeline, ckpt, headline,
+                                                         variants),
         "figures": [p.name for p in written], "seconds": time.perf_counter() - t0,
     }
     atomic_write_json(out / "summary.json", summary)  # strict JSON: NaN becomes null
+    if figures:
+        written.append(evaluation_report(out, json_safe(summary), per_patient, results))
     return EvalResult(out, summary, per_patient, written)
+
+
+def _scored(results: list[PatientResult], pipeline: Any, ckpt: Checkpoint, headline: str,
+            variants: dict[str, Any]) -> dict[str, Any]:
+    """The summary's account of what was scored, how, and the figures per variant."""
+    return {
+        "patients": len(results), "slices": int(sum(r.slices for r in results)),
+        "threshold": pipeline.threshold, "image_size": ckpt.image_size,
+        "normalization": ckpt.normalization,
+        "resolution": "native (masks as stored; probabilities resized to native size)",
+        "headline": headline, "headline_metrics": variants[headline]["patient_dice"],
+        "variants": variants, "conventions": CONVENTIONS,
+    }
 
 
 def _root_and_split(run_dir: Path, ckpt: Checkpoint, data_dir: str | Path | None,

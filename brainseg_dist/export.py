@@ -131,6 +131,7 @@ class ExportResult:
     pt2: Path | None = None
     pt2_max_abs_diff: float | None = None
     pt2_dynamic: str | None = None  # "batch+hw", "batch", "static" or None (not written)
+    onnx: Any = None  # brainseg_dist.onnx_export.OnnxParity when model.onnx was written
     notes: list[str] = field(default_factory=list)
 
 
@@ -167,7 +168,8 @@ def _export_program(pipeline: SegmentationPipeline, example: torch.Tensor
 
 def export_run(run_dir: str | Path, checkpoint: str | Path = rundir.BEST,
                out: str | Path | None = None, tolerance: float = 1e-4, pt2: bool = True,
-               parity_count: int = 6, verbose: bool = True) -> ExportResult:
+               parity_count: int = 6, verbose: bool = True, onnx: bool = True
+               ) -> ExportResult:
     """Export a run's checkpoint to ``model.ts`` (TorchScript) and ``model.pt2`` (torch.export).
 
     The TorchScript file is written to a temporary name, loaded back and compared with the
@@ -182,6 +184,7 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = rundir.BEST,
             to it (same stem).
         tolerance: largest allowed absolute difference of probabilities.
         pt2: also write the ``torch.export`` program.
+        onnx: also write ``model.onnx`` (:mod:`brainseg_dist.onnx_export`; best effort).
         parity_count: number of dataset slices in the parity check.
         verbose: print a short report on the console.
 
@@ -206,15 +209,22 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = rundir.BEST,
         scripted = script_pipeline(ckpt)
     except Exception as exc:  # the TorchScript compiler raises its own frontend errors
         raise ExportError(f"{ckpt.path}: TorchScript compilation failed ({exc})") from exc
-    return write_checked_exports(eager, scripted, images, source, out, metadata(ckpt),
-                                 tolerance, pt2, verbose)
+    from brainseg_dist.model_card import model_card
+
+    meta = {**metadata(ckpt), **model_card(ckpt, run_dir)}
+    res = write_checked_exports(eager, scripted, images, source, out, meta, tolerance, pt2,
+                                verbose, onnx)
+    card = out.parent / METADATA_FILE  # beside the exports, as in a MONAI bundle
+    atomic_write(card, lambda p: p.write_text(dumps_strict(res.metadata, indent=2)))
+    return res
 
 
 def write_checked_exports(eager: nn.Module, scripted: torch.jit.ScriptModule,
                           images: torch.Tensor, source: str, out: Path,
                           meta: dict[str, Any], tolerance: float, pt2: bool,
-                          verbose: bool) -> ExportResult:
-    """Check a scripted pipeline against its eager twin, then write ``out`` (and ``.pt2``).
+                          verbose: bool, onnx: bool = True) -> ExportResult:
+    """Check a scripted pipeline against its eager twin, then write ``out`` (and ``.pt2``,
+    ``.onnx``).
 
     Parity is measured on ``images`` and on float, cropped and small versions of them (every
     input type and resize branch); the file written is loaded back and checked again, so
@@ -252,6 +262,11 @@ def write_checked_exports(eager: nn.Module, scripted: torch.jit.ScriptModule,
     if pt2:
         _write_pt2(res, eager, images, batches, reference, out.with_suffix(".pt2"), tolerance,
                    verbose)
+    if onnx:
+        from brainseg_dist.onnx_export import write_onnx
+
+        res.onnx = write_onnx(eager, images, batches, reference, out.with_suffix(".onnx"),
+                              meta, tolerance, verbose)
     return res
 
 

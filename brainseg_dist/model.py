@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,9 +60,24 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def build_model(base_width: int = 32, depth: int = 4, channels_last: bool = True) -> UNet:
-    """A freshly initialised U-Net, converted to channels-last memory format if asked."""
+def build_model(base_width: int = 32, depth: int = 4, channels_last: bool = True,
+                foreground_prior: float = 0.0) -> UNet:
+    """A freshly initialised U-Net, converted to channels-last memory format if asked.
+
+    Args:
+        base_width: channels of the first level.
+        depth: number of pooling levels.
+        channels_last: convert the weights to channels-last.
+        foreground_prior: if in (0, 1), the head's bias starts at ``log(p / (1 - p))``, so the
+            untrained model already predicts that share of foreground (the prior
+            initialisation of Lin et al. 2017). Adam moves a bias by at most about ``lr`` per
+            step, so from torch's default (about 0, i.e. p = 0.5 everywhere) a short run never
+            reaches confident background; 0 keeps torch's default.
+    """
     model = UNet(base_width=base_width, depth=depth)
+    if foreground_prior > 0:
+        with torch.no_grad():
+            model.head.bias.fill_(math.log(foreground_prior / (1 - foreground_prior)))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -11,11 +11,7 @@ an input patient folder is refused before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,17 +23,20 @@ import pandas as pd
 import tifffile
 import torch
 
-from brainseg_dist import rundir
-from brainseg_dist.console import console, progress
+from brainseg_dist.console import progress
 from brainseg_dist.data.inputs import check_inputs, find_inputs, read_slice
 from brainseg_dist.data.scan import patient_id
-from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
-from brainseg_dist.io import atomic_write, atomic_write_bytes, check_writable, current_umask
-from brainseg_dist.pipeline import (
-    check_device,
-    load_torchscript,
-    patient_masks,
+from brainseg_dist.deployed import (
+    PREDICTION_MARKER,
+    PredictResult,
+    check_replaceable,
+    load_model,
+    resolve_model,
+    staged_folder,
 )
+from brainseg_dist.errors import BrainsegError, DataProblem, DatasetError
+from brainseg_dist.io import atomic_write, atomic_write_bytes
+from brainseg_dist.pipeline import check_device, patient_masks
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -133,60 +132,20 @@ def overlay_png(image: np.ndarray, mask: np.ndarray) -> bytes:
 
 
 # ----------------------------------------------------------------------------- entry point
-@dataclass
-class PredictResult:
-    """What :func:`predict` wrote and how long it took."""
-
-    out: Path
-    kind: str
-    slices: int
-    folders: int
-    seconds: float
-    slices_per_second: float
-    area: pd.DataFrame
-    volume: pd.DataFrame
-
-
-def resolve_model(model: str | Path,
-                  export_missing: Callable[[Path], object] | None = None) -> Path:
-    """MODEL as given: a ``model.ts`` file, or a run directory (its ``model.ts``, written
-    from ``best.pt`` by ``export_missing`` first when missing)."""
-    model = Path(model)
-    if model.is_dir():
-        ts = model / rundir.TORCHSCRIPT
-        if not ts.is_file():
-            if not (model / rundir.BEST).is_file():
-                raise BrainsegError(f"{model}: run directory has neither model.ts nor best.pt")
-            if export_missing is None:
-                raise BrainsegError(f"{model}: run directory has no model.ts; write it with "
-                                    "`brainseg export RUN_DIR`")
-            console.print(f"{ts} not found: exporting it from {model / rundir.BEST}")
-            export_missing(model)
-        return ts
-    if not model.is_file():
-        raise BrainsegError(f"{model}: model not found (expected model.ts or a run directory)")
-    return model
-
-
-def load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    """Load ``model.ts`` on ``device`` with its metadata (attributes and metadata.json)."""
-    module, meta = load_torchscript(path, device)
-    meta.setdefault("threshold", float(module.threshold))
-    meta.setdefault("normalization", str(module.normalization))
-    meta.setdefault("image_size", int(module.image_size))
-    return module, meta
-
-
-def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 32,
-            device: str = "cpu", threshold: float | None = None, overlays: bool = True,
-            show_progress: bool = True,
+def predict(model: str | Path, input_path: str | Path | None, out: str | Path,
+            batch_size: int = 32, device: str = "cpu", threshold: float | None = None,
+            overlays: bool = True, show_progress: bool = True,
             on_folder: Callable[[str, int], None] | None = None,
-            export_missing: Callable[[Path], object] | None = None) -> PredictResult:
+            export_missing: Callable[[Path], object] | None = None, pre: Path | None = None,
+            flair: Path | None = None, post: Path | None = None) -> PredictResult:
     """Segment every slice under INPUT and write masks, overlays and tumour-size CSVs.
 
+    NIfTI input (a volume, nnU-Net-style channel files, a folder of them, or ``pre``/``flair``/
+    ``post``) goes to :func:`brainseg_dist.nifti_predict.predict_nifti` instead.
+
     Args:
-        model: ``model.ts`` or a run directory.
-        input_path: one ``.tif``, a patient folder, or a ``kaggle_3m``-style root.
+        model: ``model.ts``, ``model.onnx`` or a run directory.
+        input_path: one ``.tif``, a patient folder, a ``kaggle_3m``-style root, or NIfTI.
         out: output folder (created); must not overwrite anything in the input location.
         batch_size: slices per forward pass.
         device: ``cpu`` or ``cuda`` (``cuda:N``).
@@ -196,6 +155,7 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
         on_folder: called with (folder, slices) after each folder (for tests/logging).
         export_missing: writes a run directory's missing ``model.ts`` (the CLI passes
             :func:`brainseg_dist.export.export_run`); without it such a run is an error.
+        pre, flair, post: NIfTI sequences given one by one (``--pre/--flair/--post``).
 
     Returns:
         :class:`PredictResult`.
@@ -204,8 +164,14 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
         BrainsegError: bad model, unreadable or wrongly shaped input (the file is named),
             an output that would overwrite an input, or an unavailable device.
     """
-    t0 = time.perf_counter()
-    input_path, out = Path(input_path), Path(out)
+    from brainseg_dist.nifti import find_cases
+    from brainseg_dist.nifti_predict import predict_nifti
+
+    cases = find_cases(None if input_path is None else Path(input_path), pre, flair, post)
+    if cases is not None:
+        return predict_nifti(model, cases, out, batch_size, device, threshold, show_progress,
+                             export_missing)
+    t0, input_path, out = time.perf_counter(), Path(input_path), Path(out)
     check_device(device, batch_size)
     kind, groups = find_inputs(input_path)
     plan = plan_outputs(groups, out)
@@ -225,50 +191,6 @@ def predict(model: str | Path, input_path: str | Path, out: str | Path, batch_si
     return PredictResult(out, kind, len(plan), area["folder"].nunique() if len(area) else 0,
                          seconds, len(plan) / seconds if seconds > 0 else float("nan"), area,
                          vol)
-
-
-PREDICTION_MARKER = "tumour_area.csv"  # an OUT holding this was written by predict
-
-
-def check_replaceable(out: Path) -> None:
-    """OUT is replaced as a whole: refuse a non-empty OUT that predict did not write, and
-    check before any decoding that its parent folder takes new files.
-
-    Raises:
-        BrainsegError: OUT holds other files, or its folder cannot be written.
-    """
-    if out.is_dir() and any(out.iterdir()) and not (out / PREDICTION_MARKER).is_file():
-        raise BrainsegError(f"{out}: output folder is not empty and holds no earlier "
-                            f"predictions ({PREDICTION_MARKER}); predict replaces OUT as a "
-                            "whole, so choose a new or empty folder")
-    check_writable(out.parent, "folder of OUT")
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path):
-    """Yield an empty staging folder beside ``out``; on success it replaces ``out``.
-
-    The earlier ``out`` (if any) is renamed aside, the stage renamed to ``out``, and only
-    then the earlier one deleted; on any failure the stage is deleted and ``out`` untouched.
-    Leftovers of a killed process are named ``.NAME.XXXX.tmp`` (removed by
-    :func:`brainseg_dist.io.remove_temporaries`).
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield stage
-        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes 0700; use normal permissions
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp",
-                                        dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _predict_into(stage: Path, out: Path, plan: list[InputSlice], module: Any,

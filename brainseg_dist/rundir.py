@@ -3,7 +3,8 @@ directory is guarded: never silently replace a finished run, and clear what a ki
 left behind before a new start.
 
 A training run: ``config.yaml``, ``split.json``, ``metrics.jsonl``, ``best.pt``, ``last.pt``,
-``validation.json``, ``tensorboard/``, ``model.ts``, ``model.pt2``, ``eval_<split>/`` and,
+``validation.json``, ``tensorboard/``, ``model.ts``, ``model.pt2``, ``model.onnx``,
+``metadata.json``, ``eval_<split>/`` and,
 when trained without ``data.data_dir``, ``synthetic/kaggle_3m`` (with its ``COMPLETE``
 marker). A cross-validation directory: ``cv_plan.json``, ``fold_<k>/`` (a training run each,
 plus ``postprocessing.json`` and ``fold_done.json``), ``ensemble_postprocessing.json``,
@@ -31,6 +32,8 @@ VALIDATION = "validation.json"
 TENSORBOARD = "tensorboard"
 TORCHSCRIPT = "model.ts"
 PROGRAM = "model.pt2"
+ONNX = "model.onnx"
+MODEL_CARD = "metadata.json"  # MONAI-bundle style, beside the exports
 EVAL_PREFIX = "eval_"  # eval_<split>/ of brainseg evaluate
 SYNTHETIC = "synthetic"  # synthetic/kaggle_3m and its synthetic/COMPLETE marker
 # A cross-validation directory.
@@ -46,7 +49,8 @@ RUN_FILES = (LAST, BEST, METRICS)
 # What --overwrite removes: everything a run writes, so nothing of the old run is left to
 # pass for the new one (a model.ts exported from the old best.pt above all). The synthetic
 # dataset is kept; it is regenerated when its parameters differ.
-STALE_FILES = (LAST, BEST, METRICS, CONFIG, SPLIT, VALIDATION, TORCHSCRIPT, PROGRAM)
+STALE_FILES = (LAST, BEST, METRICS, CONFIG, SPLIT, VALIDATION, TORCHSCRIPT, PROGRAM, ONNX,
+               MODEL_CARD)
 STALE_FOLDERS = (TENSORBOARD,)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -205,3 +206,24 @@ def training_curves(rows: list[dict] | str | Path, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def dataset_figures(data: Any, out: Path) -> list[Path]:
+    """``brainseg data summary --figures OUT``: sample slices (the largest tumours and some
+    empty slices), the class balance and the tumour-size histogram of a loaded dataset."""
+    from brainseg_dist.data.decode import read_pair
+
+    table = data.table
+    pos = table[table["diagnosis"] == 1].sort_values("tumour_pixels", ascending=False)
+    rows = list(pos.drop_duplicates("patient").head(4).index)
+    rows += list(table[table["diagnosis"] == 0].drop_duplicates("patient").head(6 - len(rows))
+                 .index)
+    pairs = [read_pair(table.at[i, "image_path"], table.at[i, "mask_path"]) for i in rows]
+    titles = [f"{table.at[i, 'folder']}\nslice {table.at[i, 'slice']}" for i in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        sample_grid([p[0] for p in pairs], [p[1] for p in pairs], titles,
+                        out / "samples.png"),
+        class_balance(table, out / "class_balance.png"),
+        tumour_size_histogram(table, out / "tumour_sizes.png"),
+    ]

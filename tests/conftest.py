@@ -90,5 +90,5 @@ def trained_model_ts(trained_run) -> Path:
 
     ts = trained_run / "model.ts"
     if not ts.is_file():
-        export_run(trained_run, pt2=False, verbose=False)
+        export_run(trained_run, pt2=False, onnx=False, verbose=False)
     return ts

@@ -100,3 +100,24 @@ def test_gamma_runs_before_normalization_only_in_training():
     assert ratio.max() <= 1.5 + 1e-3
     assert ratio[:, 0].std() > 0.05  # gammas differ between slices
     assert aug.eval().intensity(images) is images
+
+
+def test_missing_sequences_are_filled_with_flair_at_the_asked_rate():
+    from brainseg_dist.augment import fill_missing_sequences
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (4000, 3, 4, 4), dtype=torch.uint8)
+    out = fill_missing_sequences(images, 0.25)
+    assert out.dtype == torch.uint8
+    torch.testing.assert_close(out[:, 1], images[:, 1])  # FLAIR is never touched
+    for c in (0, 2):
+        filled = (out[:, c] == images[:, 1]).flatten(1).all(1)
+        kept = (out[:, c] == images[:, c]).flatten(1).all(1)
+        assert bool((filled | kept).all())  # each channel is either its own or FLAIR
+        assert 0.22 < filled.float().mean() < 0.28
+    both = ((out[:, 0] == images[:, 1]) & (out[:, 2] == images[:, 1])).flatten(1).all(1)
+    assert 0.045 < both.float().mean() < 0.08  # independent draws: about 0.25²
+
+    aug = DeviceAugment(AugmentConfig(missing_sequence_p=1.0))
+    assert (aug.intensity(images)[:, 0] == images[:, 1]).all()
+    assert aug.eval().intensity(images) is images

@@ -49,6 +49,7 @@ def test_dump_round_trip(tmp_path):
     ("train:\n  mixed_precision: fp8\n", "train.mixed_precision must be one of"),
     ("data:\n  image_size: 100\n", "data.image_size must be"),
     ("optim:\n  lr: -1\n", "optim.lr must be > 0"),
+    ("model:\n  foreground_prior: 1.0\n", "model.foreground_prior must be in [0, 1)"),
     ("augment:\n  hflip_p: 2\n", "augment.hflip_p in [0, 1]"),
     ("train: [1, 2]\n", "section 'train' must be a mapping"),
     ("train:\n  epochs: [\n", "not valid YAML"),

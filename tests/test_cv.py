@@ -66,6 +66,10 @@ def test_cv_summary_tests_every_patient_once(cv_run, synth_root):
     assert (out / "dice_per_patient.png").stat().st_size > 1000
     assert "NaN" not in (out / "cv_summary.json").read_text()
     assert "headline (post-processed)" in proc.stdout + proc.stderr
+    html = (out / "report.html").read_text()  # the page itself: tests/test_report.py
+    assert html.count('<div class="strip">') == 8
+    assert all(p in html for p in table["patient"])
+    assert "Training curves, fold 2" in html
 
 
 @pytest.mark.slow

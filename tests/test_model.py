@@ -47,3 +47,15 @@ def test_skip_connections_carry_fine_detail():
     assert x.grad is not None
     assert x.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_foreground_prior_sets_the_untrained_foreground_share():
+    """The head bias starts at logit(p): the untrained model predicts mostly background."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    default = build_model(base_width=4).train()
+    prior = build_model(base_width=4, foreground_prior=0.01).train()
+    assert prior.head.bias.item() == pytest.approx(-4.59512, abs=1e-5)
+    with torch.no_grad():
+        assert 0.3 < torch.sigmoid(default(x)).mean() < 0.7
+        assert torch.sigmoid(prior(x)).mean() < 0.05

@@ -103,7 +103,8 @@ class Trainer:
     def _setup_model(self, train_loader: Any, val_loader: Any) -> None:
         """U-Net, optimizer and loaders through Accelerate; augmentation and EMA."""
         cfg, acc = self.cfg, self.accelerator
-        model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last)
+        model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last,
+                            cfg.model.foreground_prior)
         if (cfg.model.sync_batchnorm and acc.num_processes > 1
                 and acc.device.type == "cuda"):  # SyncBatchNorm is GPU-only in torch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -365,4 +366,5 @@ class Trainer:
         if self.cfg.train.export and finished and (self.out / rundir.BEST).exists():
             from brainseg_dist.export import export_run  # training's last stage
 
-            export_run(self.out)
+            # model.onnx (about 17 s more on CPU) is left to an explicit `brainseg export`.
+            export_run(self.out, onnx=False)
