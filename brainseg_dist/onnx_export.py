@@ -54,40 +54,6 @@ def missing_packages() -> list[str]:
     return [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
 
 
-def window_matrix(n: torch.Tensor | int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool windows from ``n`` inputs to ``s`` outputs.
-
-    Output ``i`` averages inputs ``floor(i n / s) .. ceil((i+1) n / s) - 1`` (PyTorch's
-    ``adaptive_avg_pool``, which ``F.interpolate(mode="area")`` is).
-
-    Returns:
-        ``(s×n 0/1 float matrix, window sizes s)``.
-    """
-    i = torch.arange(s)
-    start = (i * n) // s
-    end = ((i + 1) * n + s - 1) // s
-    j = torch.arange(n)
-    window = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
-    return window.float(), (end - start).float()
-
-
-class OnnxPipeline(SegmentationPipeline):
-    """:class:`SegmentationPipeline` with the area resize written as matrix products, which
-    the dynamo ONNX exporter accepts at a dynamic H×W (same numbers)."""
-
-    def _shrink(self, x: torch.Tensor) -> torch.Tensor:
-        wh, nh = window_matrix(x.shape[2], self.image_size)
-        ww, nw = window_matrix(x.shape[3], self.image_size)
-        sums = torch.einsum("sh,nchw,tw->ncst", wh, x, ww)
-        # Divided by the window height, then width: the pool's order, so the same rounding.
-        return sums / nh[:, None] / nw[None, :]
-
-    @classmethod
-    def of(cls, eager: SegmentationPipeline) -> OnnxPipeline:
-        return cls(eager.unet, eager.image_size, eager.normalization, eager.threshold,
-                   eager.config_hash).eval()
-
-
 @contextmanager
 def quiet_onnx_exporter() -> Iterator[None]:
     """Silence only the exporter's known noise: torch's logger lines about torchvision ops
@@ -111,7 +77,7 @@ def export_program(eager: SegmentationPipeline, example: torch.Tensor) -> Any:
     dynamic = ({0: Dim("batch", min=1, max=4096), 2: Dim("height", min=8, max=8192),
                 3: Dim("width", min=8, max=8192)},)
     with quiet_onnx_exporter(), torch.no_grad():
-        return torch.onnx.export(OnnxPipeline.of(eager), (example,), dynamo=True,
+        return torch.onnx.export(eager.eval(), (example,), dynamo=True,
                                  dynamic_shapes=dynamic, input_names=[INPUT_NAME],
                                  output_names=[OUTPUT_NAME], opset_version=OPSET,
                                  verbose=False)

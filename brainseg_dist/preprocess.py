@@ -40,6 +40,27 @@ def _grow(x: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=True)
 
 
+def _windows(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-averaging windows from ``n`` inputs to ``size`` outputs: output ``i`` averages
+    inputs ``floor(i n / size) .. ceil((i+1) n / size) - 1`` (adaptive average pooling, which
+    ``mode="area"`` is). Returns the ``size×n`` 0/1 matrix and the window lengths."""
+    i = torch.arange(size, device=device)
+    start = (i * n) // size
+    end = ((i + 1) * n + size - 1) // size
+    j = torch.arange(n, device=device)
+    window = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return window.float(), (end - start).float()
+
+
+def _shrink_by_windows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`_shrink` as two matrix products, bit-identical on whole grey levels. Used when
+    exporting: the ONNX exporter cannot decompose adaptive pooling at a symbolic H×W."""
+    wh, nh = _windows(x.shape[2], size, x.device)
+    ww, nw = _windows(x.shape[3], size, x.device)
+    sums = torch.einsum("sh,nchw,tw->ncst", wh, x, ww)
+    return sums / nh[:, None] / nw[None, :]  # height, then width: the pool's rounding order
+
+
 def _resize_branch(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[2] >= size and x.shape[3] >= size:
         return _shrink(x, size)
@@ -55,7 +76,7 @@ def resample(x: torch.Tensor, size: int) -> torch.Tensor:
         # A Python `if` on symbolic H/W would pin the exported program to one branch;
         # torch.cond keeps both so the program accepts any H×W.
         pred = (x.shape[2] >= size) & (x.shape[3] >= size)
-        return torch.cond(pred, functools.partial(_shrink, size=size),
+        return torch.cond(pred, functools.partial(_shrink_by_windows, size=size),
                           functools.partial(_grow, size=size), (x,))
     return _resize_branch(x, size)
 
