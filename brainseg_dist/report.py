@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg_dist.io import atomic_write_text
+from brainseg_dist.tables import CV_ROWS, EVAL_ROWS, ci_cell, fmt
 
 TRUTH_RGB = (0.13, 0.82, 0.13)
 PRED_RGB = (1.0, 0.19, 0.13)
@@ -135,7 +136,7 @@ def evaluation_report(out: Path, summary: dict[str, Any], per_patient: pd.DataFr
     """``out/report.html`` of ``brainseg evaluate`` (its figures must be in ``out``)."""
     variants = list(summary["variants"])
     rows = []
-    for name, get in SUMMARY_ROWS:
+    for name, get in EVAL_ROWS:
         rows.append({"name": name, "cells": [get(summary["variants"][v]) for v in variants]})
     protocol = {
         "run": summary["run_dir"], "checkpoint": f"{summary['checkpoint']} "
@@ -168,32 +169,7 @@ def evaluation_report(out: Path, summary: dict[str, Any], per_patient: pd.DataFr
                   strips=strips, strip_variant=summary["headline"])
 
 
-SUMMARY_ROWS = [
-    ("patient Dice mean ± SD", lambda m: f"{_fmt(m['patient_dice']['mean'])} ± "
-                                         f"{_fmt(m['patient_dice']['sd'])}"),
-    ("patient Dice median", lambda m: _fmt(m["patient_dice"]["median"])),
-    ("Dice, tumour slices", lambda m: _fmt(m["slice"]["dice_tumour_slices"])),
-    ("FP rate, empty slices", lambda m: _fmt(m["slice"]["fp_rate_empty_slices"])),
-    ("IoU (pooled)", lambda m: _fmt(m["slice"]["iou"])),
-    ("precision / recall", lambda m: f"{_fmt(m['slice']['precision'])} / "
-                                     f"{_fmt(m['slice']['recall'])}"),
-    ("HD95 px mean (slices)", lambda m: f"{_fmt(m['slice']['hd95_mean'], 1)} "
-                                        f"({m['slice']['hd95_slices']})"),
-    ("sensitivity / specificity", lambda m: f"{_fmt(m['diagnosis']['sensitivity'])} / "
-                                            f"{_fmt(m['diagnosis']['specificity'])}"),
-]
-
-
 # ----------------------------------------------------------------------------- cv
-CV_ROWS = [("patient Dice mean", "dice_patient_mean"), ("patient Dice median",
-                                                        "dice_patient_median"),
-           ("patient Dice SD", "dice_patient_sd"), ("patient Dice min", "dice_patient_min"),
-           ("Dice, tumour slices", "dice_tumour_slices"),
-           ("FP rate, empty slices", "fp_rate_empty_slices"),
-           ("slice sensitivity", "sensitivity"), ("slice specificity", "specificity"),
-           ("HD95 px (mean)", "hd95_mean")]
-
-
 def strip_data(rows: pd.DataFrame, pred: Any, truth: Any, k: int = STRIP_SLICES
                ) -> dict[str, Any]:
     """The ``k`` slices with the most tumour (truth plus prediction) of one patient, read
@@ -212,10 +188,9 @@ def cv_report(out: Path, summary: dict[str, Any], per_patient: pd.DataFrame,
               strips: dict[str, dict[str, Any]], fold_dirs: list[Path]) -> Path:
     """``out/report.html`` of ``brainseg cv``."""
     variants = list(summary["variants"])
-    rows = [{"name": "95% CI of the mean", "cells": [
-        "[{}, {}]".format(*(_fmt(x) for x in summary["variants"][v]["dice_patient_ci95"]))
-        for v in variants]}]
-    rows += [{"name": name, "cells": [_fmt(summary["variants"][v][key]) for v in variants]}
+    rows = [{"name": "95% CI of the mean",
+             "cells": [ci_cell(summary["variants"][v]) for v in variants]}]
+    rows += [{"name": name, "cells": [fmt(summary["variants"][v][key]) for v in variants]}
              for name, key in CV_ROWS]
     protocol = {"cross-validation": summary["protocol"], "folds": summary["folds"],
                 "patients": summary["patients"], "data": summary["data_dir"],

@@ -19,6 +19,37 @@ def fmt(x: Any, digits: int = 3) -> str:
         else f"{x:.{digits}f}"
 
 
+# The metric rows of an evaluation and of a cross-validation, shared by the console tables
+# here and report.html (brainseg_dist.report): (label, cell of one variant's metrics).
+EVAL_ROWS = [
+    ("patient Dice mean ± SD", lambda m: f"{fmt(m['patient_dice']['mean'])} ± "
+                                         f"{fmt(m['patient_dice']['sd'])}"),
+    ("patient Dice median", lambda m: fmt(m["patient_dice"]["median"])),
+    ("Dice, tumour slices", lambda m: fmt(m["slice"]["dice_tumour_slices"])),
+    ("FP rate, empty slices", lambda m: fmt(m["slice"]["fp_rate_empty_slices"])),
+    ("IoU (pooled)", lambda m: fmt(m["slice"]["iou"])),
+    ("precision / recall", lambda m: f"{fmt(m['slice']['precision'])} / "
+                                     f"{fmt(m['slice']['recall'])}"),
+    ("HD95 px mean (slices)", lambda m: f"{fmt(m['slice']['hd95_mean'], 1)} "
+                                        f"({m['slice']['hd95_slices']})"),
+    ("sensitivity / specificity", lambda m: f"{fmt(m['diagnosis']['sensitivity'])} / "
+                                            f"{fmt(m['diagnosis']['specificity'])}"),
+]
+# (label, key of a CV variant's metrics); the 95% CI row is :func:`ci_cell`.
+CV_ROWS = [("patient Dice mean", "dice_patient_mean"), ("patient Dice median",
+                                                        "dice_patient_median"),
+           ("patient Dice SD", "dice_patient_sd"), ("patient Dice min", "dice_patient_min"),
+           ("Dice, tumour slices", "dice_tumour_slices"),
+           ("FP rate, empty slices", "fp_rate_empty_slices"),
+           ("slice sensitivity", "sensitivity"), ("slice specificity", "specificity"),
+           ("HD95 px (mean)", "hd95_mean")]
+
+
+def ci_cell(metrics: dict[str, Any]) -> str:
+    """``[low, high]`` of a CV variant's per-patient Dice CI."""
+    return "[{}, {}]".format(*(fmt(v) for v in metrics["dice_patient_ci95"]))
+
+
 def print_data_summary(s: dict) -> None:
     """``brainseg data summary``: counts, sizes, sites and decode time."""
     t = Table(title="Dataset summary", show_header=False)
@@ -52,21 +83,7 @@ def print_eval_summary(s: dict[str, Any], out: Path) -> None:
     t.add_column("metric")
     for v in s["variants"]:
         t.add_column(v + (" *" if v == s["headline"] else ""), justify="right")
-    rows = [
-        ("patient Dice mean ± SD", lambda m: f"{fmt(m['patient_dice']['mean'])} ± "
-                                             f"{fmt(m['patient_dice']['sd'])}"),
-        ("patient Dice median", lambda m: fmt(m["patient_dice"]["median"])),
-        ("Dice, tumour slices", lambda m: fmt(m["slice"]["dice_tumour_slices"])),
-        ("FP rate, empty slices", lambda m: fmt(m["slice"]["fp_rate_empty_slices"])),
-        ("IoU (pooled)", lambda m: fmt(m["slice"]["iou"])),
-        ("precision / recall", lambda m: f"{fmt(m['slice']['precision'])} / "
-                                         f"{fmt(m['slice']['recall'])}"),
-        ("HD95 px mean (slices)", lambda m: f"{fmt(m['slice']['hd95_mean'], 1)} "
-                                            f"({m['slice']['hd95_slices']})"),
-        ("sensitivity / specificity", lambda m: f"{fmt(m['diagnosis']['sensitivity'])} / "
-                                                f"{fmt(m['diagnosis']['specificity'])}"),
-        ("slice accuracy", lambda m: fmt(m["diagnosis"]["accuracy"])),
-    ]
+    rows = [*EVAL_ROWS, ("slice accuracy", lambda m: fmt(m["diagnosis"]["accuracy"]))]
     for name, f in rows:
         t.add_row(name, *(f(s["variants"][v]) for v in s["variants"]))
     console.print(t)
@@ -83,17 +100,8 @@ def print_cv_summary(s: dict[str, Any], out: Path) -> None:
     names = list(s["variants"])
     for name in names:
         t.add_column(name, justify="right")
-    rows = [("patient Dice mean", "dice_patient_mean"), ("patient Dice median",
-                                                         "dice_patient_median"),
-            ("patient Dice SD", "dice_patient_sd"), ("patient Dice min", "dice_patient_min"),
-            ("Dice, tumour slices", "dice_tumour_slices"),
-            ("FP rate, empty slices", "fp_rate_empty_slices"),
-            ("slice sensitivity", "sensitivity"), ("slice specificity", "specificity"),
-            ("HD95 px (mean)", "hd95_mean")]
-    t.add_row("95% CI of the mean", *(
-        "[{}, {}]".format(*(fmt(v) for v in s["variants"][n]["dice_patient_ci95"]))
-        for n in names))
-    for label, key in rows:
+    t.add_row("95% CI of the mean", *(ci_cell(s["variants"][n]) for n in names))
+    for label, key in CV_ROWS:
         t.add_row(label, *(fmt(s["variants"][n][key]) for n in names))
     console.print(t)
     console.print(f"headline ({s['headline']}): per-patient Dice mean "
