@@ -32,6 +32,8 @@ Schedule = Literal["cosine", "constant"]
 DiceMode = Literal["sample", "batch"]
 Select = Literal["best", "last"]
 EvalSplit = Literal["test", "val", "train", "all"]  # brainseg evaluate --split
+OnDevice = Literal["auto", "true", "false"]
+ScaleLr = Literal["none", "linear", "sqrt"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -51,6 +53,10 @@ class DataConfig:
     fold: int = 0
     skip_invalid: bool = False
     num_workers: int = 0  # data is in memory; workers only add IPC cost
+    # Training slices uploaded once as uint8 and batched on the device, with no DataLoader.
+    # auto: on for CUDA when they fit in device_memory_budget, off on CPU.
+    on_device: OnDevice = "auto"
+    device_memory_budget: float = 0.25  # share of the GPU's memory the slices may take (auto)
 
 
 @dataclass
@@ -97,6 +103,8 @@ class OptimConfig:
     # probability mass; "batch": one soft Dice over the whole batch (nnU-Net's batch Dice).
     dice: DiceMode = "sample"
     grad_clip: float = 0.0  # 0: off
+    # lr × (global batch / 32) (linear) or × its square root (sqrt); none: optim.lr as given.
+    scale_lr: ScaleLr = "none"
 
 
 @dataclass
@@ -118,6 +126,10 @@ class TrainConfig:
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
     export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
+    # Steps between reads of the loss and its finiteness: each read is one host sync (and,
+    # under DDP, one collective); the steps in between never wait on the device.
+    log_every: int = 25
+    compile: bool = False  # torch.compile the training model (first steps pay the compile)
 
 
 @dataclass
@@ -134,12 +146,15 @@ class Config:
     def hash(self) -> str:
         """Short hash of the settings that change the model (not paths or run length)."""
         d = self.to_dict()
-        for key in ("data_dir", "cache_dir", "num_workers"):
+        for key in ("data_dir", "cache_dir", "num_workers", "on_device",
+                    "device_memory_budget"):
             d["data"].pop(key)
-        # Run length and bookkeeping may change on --resume without changing the model.
+        # Run length, bookkeeping and speed settings may change on --resume.
         for key in ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
-                    "patience", "export"):
+                    "patience", "export", "log_every", "compile"):
             d["train"].pop(key)
+        if d["optim"]["scale_lr"] == "none":  # so runs saved before the key still resume
+            d["optim"].pop("scale_lr")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -170,6 +185,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, bool) and str(value).lower() in typing.get_args(annotation):
+        return str(value).lower()  # YAML's true/false for a choice such as data.on_device
     if annotation is str or typing.get_origin(annotation) is Literal:  # choices: validate()
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
@@ -297,6 +314,8 @@ def _range_checks(config: Config) -> list[tuple[bool, str]]:
         (0 <= config.train.seed < 2**32, "train.seed must be in [0, 2**32)"),
         (config.train.stop_after_epoch >= 0, "train.stop_after_epoch must be >= 0 (0: off)"),
         (config.train.num_overlays >= 0, "train.num_overlays must be >= 0"),
+        (config.train.log_every >= 1, "train.log_every must be >= 1"),
+        (0 < config.data.device_memory_budget <= 1, "data.device_memory_budget in (0, 1]"),
         (config.train.output_dir.strip() != "", "train.output_dir must not be empty"),
         (config.augment.elastic_alpha >= 0 and config.augment.elastic_sigma > 0,
          "augment.elastic_alpha >= 0 and augment.elastic_sigma > 0"),

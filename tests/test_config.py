@@ -53,6 +53,11 @@ def test_dump_round_trip(tmp_path):
     ("augment:\n  hflip_p: 2\n", "augment.hflip_p in [0, 1]"),
     ("train: [1, 2]\n", "section 'train' must be a mapping"),
     ("train:\n  epochs: [\n", "not valid YAML"),
+    ("data:\n  on_device: maybe\n", "data.on_device must be one of ('auto', 'true', 'false')"),
+    ("data:\n  device_memory_budget: 0\n", "data.device_memory_budget in (0, 1]"),
+    ("train:\n  log_every: 0\n", "train.log_every must be >= 1"),
+    ("train:\n  compile: sometimes\n", "train.compile: expected true/false"),
+    ("optim:\n  scale_lr: cubic\n", "optim.scale_lr must be one of ('none', 'linear', 'sqrt')"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -73,6 +78,26 @@ def test_hash_ignores_paths_and_run_length():
     b = load_config(None, {"train.output_dir": "b", "train.epochs": 9})
     c = load_config(None, {"model.base_width": 8})
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_on_device_takes_yaml_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  on_device: true\n")
+    assert load_config(path).data.on_device == "true"
+    assert load_config(None, {"data.on_device": False}).data.on_device == "false"
+    assert Config().data.on_device == "auto"
+
+
+def test_speed_settings_keep_the_hash_of_older_runs():
+    """Keys added for speed (where the data lives, how often the loss is read, compile) do
+    not change what is trained; scale_lr does only when on. So runs saved before the keys
+    existed still resume: these are the hashes of the configs before them."""
+    assert Config().hash() == "fd059d5e72e0"
+    assert load_config(REPO / "configs" / "cpu_small.yaml").hash() == "820ce3fe8350"
+    fast = load_config(None, {"data.on_device": "true", "train.log_every": 5,
+                              "train.compile": True, "data.device_memory_budget": 0.5})
+    assert fast.hash() == Config().hash()
+    assert load_config(None, {"optim.scale_lr": "linear"}).hash() != Config().hash()
 
 
 def test_replace_validates():
