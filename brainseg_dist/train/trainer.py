@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainseg_dist import checkpoint, rundir
+from brainseg_dist import rundir
 from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import Config, dump_config
 from brainseg_dist.console import console, progress
@@ -26,10 +26,11 @@ from brainseg_dist.data.loader import EpochShuffleSampler, make_loader
 from brainseg_dist.data.split import save_split
 from brainseg_dist.ema import WeightEMA
 from brainseg_dist.errors import BrainsegError, NonFiniteLossError
-from brainseg_dist.io import atomic_write_text, dumps_strict
+from brainseg_dist.io import atomic_write_text
 from brainseg_dist.metrics import bce_dice_loss, overlap_counts, summarize_dice
 from brainseg_dist.model import build_model
 from brainseg_dist.preprocess import normalize, volume_stats_by_patient
+from brainseg_dist.train.persistence import CheckpointState
 from brainseg_dist.train.report import log_scalars, overlay_grid, print_row
 from brainseg_dist.train.setup import (
     make_accelerator,
@@ -49,7 +50,7 @@ class TrainResult:
     stopped_early: bool
 
 
-class Trainer:
+class Trainer(CheckpointState):
     """State of one training run; :meth:`fit` runs it. Build through :func:`run_training`."""
 
     def __init__(self, cfg: Config, resume: bool = False, split: dict | None = None):
@@ -123,57 +124,6 @@ class Trainer:
         if self.ema is not None:
             return self.ema.model
         return self.accelerator.unwrap_model(self.model)
-
-    # ----------------------------------------------------------------- persistence
-    def _save(self, paths: list[Path], epoch: int, metrics: dict[str, Any]) -> None:
-        acc = self.accelerator
-        training = {
-            **({"live_model": acc.unwrap_model(self.model).state_dict(),
-                "ema_updates": torch.tensor(self.ema.updates)} if self.ema is not None else {}),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "stale_epochs": self.stale_epochs,
-            "rng": checkpoint.rng_state(),
-        }
-        model = self.eval_model().state_dict()
-        for path in paths:
-            checkpoint.save(path, model=model, config=self.cfg, epoch=epoch, metrics=metrics,
-                            history=self.history, training=training)
-
-    def _restore(self) -> None:
-        path = self.out / rundir.LAST
-        if not path.exists():
-            raise BrainsegError(f"{path}: nothing to resume (no last.pt in the run directory)")
-        last = checkpoint.load(path, require=checkpoint.RESUME_KEYS)
-        state = last.state
-        if last.config_hash != self.cfg.hash():
-            raise BrainsegError(f"{path}: checkpoint was trained with a different config "
-                                f"(hash {last.config_hash} != {self.cfg.hash()})")
-        live = self.accelerator.unwrap_model(self.model)
-        if self.ema is not None:
-            live.load_state_dict(state["live_model"])
-            self.ema.load_state_dict({"model": state["model"], "updates": state["ema_updates"]})
-        else:
-            live.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = state["epoch"] + 1
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
-        self.stale_epochs = state["stale_epochs"]
-        checkpoint.set_rng_state(state["rng"])
-        # last.pt carries the history up to its epoch: metrics.jsonl (written after it, so
-        # possibly one epoch behind after a kill, or damaged) is rewritten from it.
-        self.history = list(state["history"])
-        if self.is_main:
-            self._write_history()
-            console.print(f"resumed from {path} at epoch {self.start_epoch + 1}")
-
-    def _write_history(self) -> None:
-        text = "".join(dumps_strict(r) + "\n" for r in self.history)
-        atomic_write_text(self.out / rundir.METRICS, text)
 
     # ----------------------------------------------------------------- one epoch
     def _inputs(self, images: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor | None):
