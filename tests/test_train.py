@@ -16,8 +16,16 @@ import torch
 from brainseg_dist import checkpoint
 from brainseg_dist.config import load_config
 from brainseg_dist.errors import NonFiniteLossError
-from brainseg_dist.train import lr_factor, resolve_mixed_precision, run_training
+from brainseg_dist.model import build_model
+from brainseg_dist.train import (
+    Trainer,
+    lr_factor,
+    resolve_mixed_precision,
+    run_training,
+    scaled_lr,
+)
 from brainseg_dist.train import trainer as train_module
+from brainseg_dist.train.step import LossTracker
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"data.image_size": 32, "model.base_width": 4, "train.batch_size": 8,
@@ -78,13 +86,17 @@ def test_tensorboard_has_scalars_and_overlays(tiny_run):
     assert events.Images(images[0])[-1].width > 0
 
 
-def test_resume_matches_uninterrupted_run(synth_root, tmp_path):
-    full = run_training(tiny_config(synth_root, tmp_path / "full", **{"train.epochs": 3}))
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_resume_matches_uninterrupted_run(synth_root, tmp_path, on_device):
+    data = {"data.on_device": on_device}
+    full = run_training(tiny_config(synth_root, tmp_path / "full", **{"train.epochs": 3,
+                                                                      **data}))
     part = tiny_config(synth_root, tmp_path / "part", **{"train.epochs": 3,
-                                                         "train.stop_after_epoch": 2})
+                                                         "train.stop_after_epoch": 2, **data})
     first = run_training(part)
     assert first.epochs_run == 2
-    resumed = run_training(tiny_config(synth_root, tmp_path / "part", **{"train.epochs": 3}),
+    resumed = run_training(tiny_config(synth_root, tmp_path / "part", **{"train.epochs": 3,
+                                                                         **data}),
                            resume=True)
     assert resumed.epochs_run == 3
     keys = ("train_loss", "val_loss", "val_dice", "val_dice_patient_mean", "lr")
@@ -103,8 +115,13 @@ def test_resume_without_checkpoint_is_a_clear_error(synth_root, tmp_path):
         run_training(tiny_config(synth_root, tmp_path, **{"train.epochs": 1}), resume=True)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(synth_root, tmp_path, monkeypatch):
-    cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1})
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(synth_root, tmp_path, monkeypatch,
+                                                         on_device):
+    """The loss is read every train.log_every steps: a NaN at step 3 of epoch 2 is seen at
+    step 4 (log_every 4), names step 3, and leaves last.pt (epoch 1) untouched."""
+    overrides = {"train.log_every": 4, "data.on_device": on_device}
+    cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1, **overrides})
     run_training(cfg)
     digest = hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest()
 
@@ -117,8 +134,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(synth_root, tmp_path, m
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_module, "bce_dice_loss", exploding_loss)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 2, step 3"):
-        run_training(tiny_config(synth_root, tmp_path, **{"train.epochs": 3}), resume=True)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 2, step 3 \(seen "
+                                                 r"at step 4; train.log_every 4\)"):
+        run_training(tiny_config(synth_root, tmp_path, **{"train.epochs": 3, **overrides}),
+                     resume=True)
+    assert calls["n"] == 4  # stopped at the first read after the bad step
     assert hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest() == digest
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
 
@@ -155,6 +175,59 @@ def test_lr_schedule_and_precision_defaults():
     assert all(a >= b for a, b in itertools.pairwise(factors[1:]))
     assert resolve_mixed_precision("auto", "cpu") == "no"  # autocast slows CPU training
     assert resolve_mixed_precision("bf16", "cpu") == "bf16"
+
+
+def test_scaled_lr_follows_the_global_batch():
+    cfg = load_config(None, {"train.batch_size": 64, "train.grad_accumulation": 2})
+    lr = cfg.optim.lr
+    assert scaled_lr(cfg, 2) == lr  # optim.scale_lr: none (the default)
+    # global batch 64 × 2 processes × 2 accumulation = 256 = 8 × 32
+    linear = load_config(None, {"train.batch_size": 64, "train.grad_accumulation": 2,
+                                "optim.scale_lr": "linear"})
+    assert scaled_lr(linear, 2) == pytest.approx(8 * lr)
+    assert scaled_lr(linear, 1) == pytest.approx(4 * lr)
+    sqrt = load_config(None, {"train.batch_size": 64, "train.grad_accumulation": 2,
+                              "optim.scale_lr": "sqrt"})
+    assert scaled_lr(sqrt, 2) == pytest.approx(8 ** 0.5 * lr)
+
+
+def test_scale_lr_is_applied_and_printed_at_start(synth_root, tmp_path, capsys):
+    cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1, "optim.scale_lr": "linear",
+                                               "optim.warmup_epochs": 0})
+    result = run_training(cfg)
+    assert result.history[0]["lr"] == pytest.approx(0.01 * 8 / 32)  # batch 8, 1 process
+    said = " ".join(capsys.readouterr().err.split())
+    assert "lr 2.50e-03 (optim.lr 1.00e-02 scaled linear to global batch 8 from 32)" in said
+
+
+def test_compile_builds_a_compiled_model_with_plain_weights(synth_root, tmp_path):
+    """torch.compile is lazy: building costs nothing, the first step compiles (slow test).
+    The forward is compiled in place, so checkpoints keep the U-Net's keys, and the EMA copy
+    runs its own weights."""
+    trainer = Trainer(tiny_config(synth_root, tmp_path, **{"train.epochs": 1,
+                                                           "train.compile": True,
+                                                           "train.ema_decay": 0.9}))
+    assert trainer.compiled
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model._compiled_call_impl is not None  # what Module.compile() sets
+    assert trainer.ema.model._compiled_call_impl is None
+    assert set(model.state_dict()) == set(build_model(4, 4).state_dict())  # checkpoint keys
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_match_eager(synth_root, tmp_path):
+    """Two compiled training steps on CPU (inductor: most of a minute of compiling) give the
+    eager steps' losses."""
+    losses = {}
+    for compiled in (False, True):
+        trainer = Trainer(tiny_config(synth_root, tmp_path / str(compiled), **{
+            "train.epochs": 1, "train.compile": compiled, "data.on_device": "true"}))
+        tracker = LossTracker(trainer.accelerator)
+        torch.manual_seed(0)
+        for step, (images, masks, idx) in zip(range(2), trainer.train_batches, strict=False):
+            trainer.train_step(images, masks, idx, tracker, step)
+        losses[compiled] = tracker.read().epoch_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def _launch(args, nproc, cwd, port):

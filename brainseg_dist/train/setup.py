@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from brainseg_dist import rundir
 from brainseg_dist.config import Config
+from brainseg_dist.console import warn
 from brainseg_dist.data import SliceData
 from brainseg_dist.data.split import load_split, make_split, patient_burden
 from brainseg_dist.data.synth import write_synthetic_dataset
@@ -61,11 +62,42 @@ def lr_factor(epoch: int, cfg: Config) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, start_epoch: int) -> LambdaLR:
+# The global batch that optim.lr is given for: the seed recipe's 32 on one GPU.
+REFERENCE_BATCH = 32
+
+
+def scaled_lr(cfg: Config, num_processes: int) -> float:
+    """``optim.lr`` scaled to the global batch (``batch_size × processes × accumulation``)
+    against :data:`REFERENCE_BATCH`: ``linear`` multiplies by the ratio, ``sqrt`` by its
+    square root, ``none`` leaves it."""
+    ratio = cfg.train.batch_size * num_processes * cfg.train.grad_accumulation / REFERENCE_BATCH
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.scale_lr]
+    return cfg.optim.lr * factor
+
+
+def compile_model(model: torch.nn.Module) -> bool:
+    """``torch.compile`` the model's forward in place (:meth:`torch.nn.Module.compile`), so
+    DDP, ``accelerator.unwrap_model`` and checkpoint keys see the plain U-Net. Where torch
+    cannot compile on this platform, warns and leaves it eager.
+
+    Returns:
+        Whether the model is compiled.
+    """
+    try:
+        model.compile()
+    except RuntimeError as exc:  # e.g. a Python version dynamo does not support yet
+        warn(f"train.compile: torch.compile is unavailable here ({exc}); training eagerly")
+        return False
+    return True
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, start_epoch: int,
+                   base_lr: float | None = None) -> LambdaLR:
     """Per-epoch :class:`LambdaLR` of :func:`lr_factor`, positioned at ``start_epoch`` (the
-    optimizer's learning rate is ``optim.lr × lr_factor(start_epoch)`` afterwards)."""
+    optimizer's learning rate is ``base_lr × lr_factor(start_epoch)`` afterwards; ``base_lr``
+    defaults to ``optim.lr``, training passes :func:`scaled_lr`)."""
     for group in optimizer.param_groups:  # a resumed optimizer may predate the scheduler
-        group.setdefault("initial_lr", cfg.optim.lr)
+        group.setdefault("initial_lr", cfg.optim.lr if base_lr is None else base_lr)
     return LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg), last_epoch=start_epoch - 1)
 
 

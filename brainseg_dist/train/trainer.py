@@ -1,10 +1,13 @@
 """The training loop: :class:`Trainer` and its named steps.
 
 Set-up of the data (:meth:`Trainer._setup_data`: dataset, split, volume statistics,
-loaders), set-up of the model (:meth:`Trainer._setup_model`: U-Net, optimizer, Accelerate,
-augmentation, EMA), one epoch (:meth:`Trainer.train_epoch`, :meth:`Trainer.validate`) and the
-end of an epoch (:meth:`Trainer._end_of_epoch`: selection, early-stopping state, checkpoints,
-metrics and logs). :meth:`Trainer.fit` strings them together.
+device-resident batches or loaders), set-up of the model (:meth:`Trainer._setup_model`: U-Net,
+optimizer at the scaled lr, Accelerate, compile, augmentation, EMA), one epoch
+(:meth:`Trainer.train_epoch` of sync-free :meth:`Trainer.train_step` calls,
+:meth:`Trainer.validate`) and the end of an epoch (:meth:`Trainer._end_of_epoch`: selection,
+early-stopping state, checkpoints, metrics and logs). :meth:`Trainer.fit` strings them
+together; checkpoints are written and restored by
+:class:`~brainseg_dist.train.persistence.CheckpointState`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import Config, dump_config
 from brainseg_dist.console import console, progress
 from brainseg_dist.data import SliceData, load_dataset
+from brainseg_dist.data.device import DeviceBatches, resolve_on_device
 from brainseg_dist.data.loader import EpochShuffleSampler, make_loader
 from brainseg_dist.data.split import save_split
 from brainseg_dist.ema import WeightEMA
@@ -33,11 +37,15 @@ from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 from brainseg_dist.train.persistence import CheckpointState
 from brainseg_dist.train.report import log_scalars, overlay_grid, print_row
 from brainseg_dist.train.setup import (
+    REFERENCE_BATCH,
+    compile_model,
     make_accelerator,
     make_scheduler,
     prepare_data_dir,
+    scaled_lr,
     split_for_run,
 )
+from brainseg_dist.train.step import LossReading, LossTracker, is_read_step
 
 
 @dataclass
@@ -86,13 +94,24 @@ class Trainer(CheckpointState):
         self.val_patients = self.val_data.table["patient"].to_numpy()
         self.volume_stats = {"train": self._patient_stats(self.train_data),
                              "val": self._patient_stats(self.val_data)}
-        self.sampler = EpochShuffleSampler(len(self.train_data), cfg.train.seed)
-        train_loader = make_loader(self.train_data, cfg.train.batch_size, seed=None,
-                                   sampler=self.sampler,
-                                   num_workers=cfg.data.num_workers, device=acc.device)
+        self.train_batches = self._train_batches()
         val_loader = make_loader(self.val_data, cfg.train.batch_size, seed=None,
                                  num_workers=cfg.data.num_workers, device=acc.device)
-        return train_loader, val_loader
+        return self.train_batches, val_loader
+
+    def _train_batches(self) -> Any:
+        """Device-resident batches (``data.on_device``), else the (unprepared) DataLoader."""
+        cfg, acc = self.cfg, self.accelerator
+        nbytes = self.train_data.images.nbytes + self.train_data.masks.nbytes
+        self.on_device = resolve_on_device(cfg.data.on_device, acc.device, nbytes,
+                                           cfg.data.device_memory_budget)
+        if self.on_device:
+            return DeviceBatches(self.train_data, cfg.train.batch_size, cfg.train.seed,
+                                 acc.device, acc.num_processes, acc.process_index)
+        self.sampler = EpochShuffleSampler(len(self.train_data), cfg.train.seed)
+        return make_loader(self.train_data, cfg.train.batch_size, seed=None,
+                           sampler=self.sampler, num_workers=cfg.data.num_workers,
+                           device=acc.device)
 
     def _patient_stats(self, data: SliceData) -> torch.Tensor | None:
         """Per-slice patient statistics for ``volume`` normalization (None otherwise)."""
@@ -101,21 +120,29 @@ class Trainer(CheckpointState):
         codes = data.table["patient"].factorize()[0]
         return volume_stats_by_patient(data.images, codes).to(self.accelerator.device)
 
-    def _setup_model(self, train_loader: Any, val_loader: Any) -> None:
-        """U-Net, optimizer and loaders through Accelerate; augmentation and EMA."""
+    def _setup_model(self, train_batches: Any, val_loader: Any) -> None:
+        """U-Net, optimizer (at the scaled lr) and loaders through Accelerate (device-resident
+        batches need none); compile, augmentation and EMA."""
         cfg, acc = self.cfg, self.accelerator
         model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last,
                             cfg.model.foreground_prior)
         if (cfg.model.sync_batchnorm and acc.num_processes > 1
                 and acc.device.type == "cuda"):  # SyncBatchNorm is GPU-only in torch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+        self.lr = scaled_lr(cfg, acc.num_processes)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr,
                                      weight_decay=cfg.optim.weight_decay)
-        self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
-            model, optimizer, train_loader, val_loader)
+        if self.on_device:
+            self.model, self.optimizer, self.val_loader = acc.prepare(model, optimizer,
+                                                                      val_loader)
+        else:
+            self.model, self.optimizer, self.train_batches, self.val_loader = acc.prepare(
+                model, optimizer, train_batches, val_loader)
         self.augment = DeviceAugment(cfg.augment).to(acc.device)
         self.ema = (WeightEMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
                     if cfg.train.ema_decay > 0 else None)
+        # After the EMA's copy, which must run its own weights, not a compiled live model.
+        self.compiled = cfg.train.compile and compile_model(acc.unwrap_model(self.model))
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
 
@@ -131,53 +158,69 @@ class Trainer(CheckpointState):
                       None if stats is None else stats[idx])
         return x.contiguous(memory_format=self.memory_format)
 
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, idx: torch.Tensor,
+                   tracker: LossTracker, step: int) -> None:
+        """One optimizer step (or accumulation step) on a uint8 batch; waits on no device
+        result (the loss goes to ``tracker``)."""
+        acc, cfg = self.accelerator, self.cfg
+        with acc.accumulate(self.model):
+            x = self._inputs(self.augment.intensity(images), idx, self.volume_stats["train"])
+            x, y = self.augment(x, masks.float())
+            x = x.contiguous(memory_format=self.memory_format)  # warps return NCHW
+            with acc.autocast():
+                logits = self.model(x)
+            loss = bce_dice_loss(logits, y, cfg.optim.bce_weight, cfg.optim.dice_weight,
+                                 dice=cfg.optim.dice)
+            tracker.add(loss, len(images), step)
+            acc.backward(loss)
+            if cfg.optim.grad_clip > 0 and acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and acc.sync_gradients:
+                self.ema.update(acc.unwrap_model(self.model))
+
     def train_epoch(self, epoch: int, bar, task) -> tuple[float, float]:
+        """One epoch; the loss is read (one host sync) every ``train.log_every`` steps and at
+        the end, which is also when a non-finite loss is noticed.
+
+        Returns:
+            The epoch's mean training loss over every rank, and images per second.
+
+        Raises:
+            NonFiniteLossError: a step's loss was NaN or infinite.
+        """
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
         self.augment.train()
         # Accelerate's loader re-sets its sampler's epoch from its own iteration counter, which
         # restarts at 0 on --resume: set both so the order depends only on the epoch.
-        self.train_loader.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
+        self.train_batches.set_epoch(epoch)
+        if not self.on_device:
+            self.sampler.set_epoch(epoch)
         # Augmentation randomness depends only on (seed, epoch, rank): exact resume.
         torch.manual_seed(cfg.train.seed * 100_003 + epoch * 101 + acc.process_index)
-        total, count, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-        for step, (images, masks, idx) in enumerate(self.train_loader):
-            with acc.accumulate(self.model):
-                x = self._inputs(self.augment.intensity(images), idx, self.volume_stats["train"])
-                x, y = self.augment(x, masks.float())
-                x = x.contiguous(memory_format=self.memory_format)  # warps return NCHW
-                with acc.autocast():
-                    logits = self.model(x)
-                loss = bce_dice_loss(logits, y, cfg.optim.bce_weight, cfg.optim.dice_weight,
-                                     dice=cfg.optim.dice)
-                self._check_finite(loss, epoch, step)
-                acc.backward(loss)
-                if cfg.optim.grad_clip > 0 and acc.sync_gradients:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None and acc.sync_gradients:
-                    self.ema.update(acc.unwrap_model(self.model))
-            total += loss.detach() * len(images)
-            count += len(images)
+        tracker, steps, t0 = LossTracker(acc), len(self.train_batches), time.perf_counter()
+        reading, info = None, ""
+        for step, (images, masks, idx) in enumerate(self.train_batches):
+            self.train_step(images, masks, idx, tracker, step)
+            if is_read_step(step, steps, cfg.train.log_every):
+                reading = tracker.read()
+                self._stop_if_non_finite(reading, epoch, step)
+                info = f"loss {reading.window_loss:.4f}"
             if bar is not None:
-                bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
+                bar.update(task, advance=1, info=info)
         seconds = time.perf_counter() - t0
-        stats = acc.reduce(torch.stack([total, torch.tensor(float(count), device=acc.device)]),
-                           reduction="sum")
-        images_per_s = float(stats[1]) / seconds
-        return float(stats[0] / stats[1]), images_per_s
+        return reading.epoch_loss, reading.images / seconds
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        if self.accelerator.num_processes > 1:  # all ranks must stop together, not hang
-            bad = self.accelerator.reduce(bad.float(), reduction="sum") > 0
-        if bool(bad):
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch + 1}, step {step + 1}. "
-                f"{self.out / 'last.pt'} (end of the previous epoch) is untouched. Try a lower "
-                "optim.lr, optim.grad_clip > 0, or bf16 instead of fp16.")
+    def _stop_if_non_finite(self, reading: LossReading, epoch: int, step: int) -> None:
+        if reading.first_bad_step is None:
+            return
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch + 1}, step {reading.first_bad_step + 1} (seen "
+            f"at step {step + 1}; train.log_every {self.cfg.train.log_every}). "
+            f"{self.out / 'last.pt'} (end of the previous epoch) is untouched. Try a lower "
+            "optim.lr, optim.grad_clip > 0, or bf16 instead of fp16.")
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -238,12 +281,18 @@ class Trainer(CheckpointState):
 
         self.writer = SummaryWriter(str(self.out / rundir.TENSORBOARD), purge_step=(
             self.start_epoch + 1 if self.resume else None))
+        global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.grad_accumulation
+        scaling = ("" if cfg.optim.scale_lr == "none" else
+                   f" (optim.lr {cfg.optim.lr:.2e} scaled {cfg.optim.scale_lr} to global batch "
+                   f"{global_batch} from {REFERENCE_BATCH})")
         console.print(
             f"training on {acc.num_processes} process(es), device {acc.device}, "
             f"mixed precision {acc.mixed_precision}, batch {cfg.train.batch_size}/process "
-            f"(global {cfg.train.batch_size * acc.num_processes * cfg.train.grad_accumulation}"
-            f"), {len(self.train_data)} train / {len(self.val_data)} val slices "
-            f"({len(self.split['train'])}/{len(self.split['val'])} patients)")
+            f"(global {global_batch}), lr {self.lr:.2e}{scaling}, "
+            f"{len(self.train_data)} train / {len(self.val_data)} val slices "
+            f"({len(self.split['train'])}/{len(self.split['val'])} patients), training data "
+            f"{'on the device' if self.on_device else 'from a DataLoader'}"
+            f"{', compiled' if self.compiled else ''}")
 
     def _end_of_epoch(self, row: dict[str, Any]) -> bool:
         """Selection and early-stopping state, checkpoints, metrics.jsonl and logs.
@@ -279,7 +328,7 @@ class Trainer(CheckpointState):
         """Run the remaining epochs; export ``best.pt`` when the run is finished."""
         cfg = self.cfg
         self._start()
-        scheduler = make_scheduler(self.optimizer, cfg, self.start_epoch)
+        scheduler = make_scheduler(self.optimizer, cfg, self.start_epoch, self.lr)
         t_start = time.perf_counter() - (self.history[-1]["elapsed_seconds"] if self.history
                                          else 0.0)
         last_epoch = min(cfg.train.epochs, cfg.train.stop_after_epoch or cfg.train.epochs)
@@ -289,7 +338,7 @@ class Trainer(CheckpointState):
                 lr = self.optimizer.param_groups[0]["lr"]
                 t0 = time.perf_counter()
                 task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}",
-                                    total=len(self.train_loader), info="")
+                                    total=len(self.train_batches), info="")
                 train_loss, ips = self.train_epoch(epoch, bar, task)
                 val = self.validate()
                 bar.remove_task(task)
