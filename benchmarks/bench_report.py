@@ -46,7 +46,8 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
         t.add_column(c, justify="left" if c in ("pipeline", "augment") else "right",
                      no_wrap=c == "pipeline")
     rows = [("baseline", tr["baseline"]), ("project", tr["project"]),
-            *tr["ablations"].items()]
+            *tr["ablations"].items(), *([("compiled", tr["compile"])] if "compile" in tr
+                                        else []), *tr["baseline_sweep"].items()]
     for name, r in rows:
         best = _f(r["speedup_vs_baseline_best"], "{:.2f}x")
         if "ratio_vs_project_best" in r:
@@ -56,7 +57,27 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
                   _f(r.get("ratio_vs_project"), "{:.2f}x"), best, r["mixed_precision"],
                   "yes" if r["channels_last"] else "no",
                   "device" if r["augmentation"].startswith("device") else
-                  f"CPU, {res['settings']['workers']} workers")
+                  f"CPU, {r['loader']}")
+    out.print(t)
+    if "compile" in tr:
+        c = tr["compile"]
+        out.print(f"train.compile: first step {c['first_step_s']:.1f} s, so about "
+                  f"{c['compile_seconds']:.1f} s of compiling; saves "
+                  f"{c['saved_per_step_s'] * 1000:.1f} ms per step; pays for itself after "
+                  + (f"{c['break_even_steps']:.0f} steps" if c["break_even_steps"] else
+                     "never (not faster here)"), highlight=False)
+
+    au = res["augment"]
+    t = Table(title=f"Augmentation on its own (batch {au['batch_size']}, on the device)")
+    for c in ("stage", "ms per batch", "share of the project step"):
+        t.add_column(c, justify="left" if c == "stage" else "right")
+    t.add_row("normalization (per-slice z-score)", _f(au["normalize_ms"]),
+              _f(au["normalize_ms"] / au["project_step_ms"], "{:.1%}"))
+    t.add_row("DeviceAugment (all of it)", _f(au["augment_ms"]),
+              _f(au["augment_share_of_step"], "{:.1%}"))
+    for name, ms in au["ops_ms"].items():
+        t.add_row(f"  {name} alone", _f(ms), _f(ms / au["project_step_ms"], "{:.1%}"))
+    t.add_row("project training step", _f(au["project_step_ms"]), "100%")
     out.print(t)
 
     lo = res["loader"]
@@ -64,9 +85,16 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
     t.add_column("measure")
     t.add_column("img/s", justify="right")
     t.add_column("over project training", justify="right")
-    t.add_row("project loader alone (+ device transfer)",
+    t.add_row("project data path alone ("
+              + ("held on the device" if lo["project_data_on_device"] else
+                 "DataLoader + device transfer") + ")",
               _f(lo["project_loader_images_per_s"], "{:.0f}"), _f(lo["loader_over_train"],
                                                                   "{:.1f}x"))
+    t.add_row("the other data path (" + ("DataLoader + device transfer"
+              if lo["project_data_on_device"] else "held on the device") + ")",
+              _f(lo["other_data_path_images_per_s"], "{:.0f}"),
+              _f(lo["other_data_path_images_per_s"] / tr["project"]["images_per_s"],
+                 "{:.1f}x"))
     t.add_row("+ normalization + device augmentation",
               _f(lo["input_pipeline_images_per_s"], "{:.0f}"),
               _f(lo["input_pipeline_over_train"], "{:.1f}x"))
@@ -119,6 +147,16 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
     t.add_row("gain from device augmentation (vs per-sample CPU workers)",
               _f(sm["device_augment_gain"], "{:.2f}x"))
     t.add_row("gain from channels-last", _f(sm["channels_last_gain"], "{:.2f}x"))
+    t.add_row("other data path (device-resident vs DataLoader), vs project",
+              _f(sm["data_toggled_ratio_vs_project"], "{:.2f}x"))
+    t.add_row("gain from the sync-free step (vs item() + finite check per step)",
+              _f(sm["sync_free_gain"], "{:.2f}x"))
+    t.add_row(f"project vs the best baseline ({sm['best_baseline_workers']} workers)",
+              _f(sm["project_speedup_vs_best_baseline"], "{:.2f}x"))
+    t.add_row("augmentation share of the project step", _f(sm["augment_share_of_step"],
+                                                            "{:.1%}"))
+    for name, r in sm["round_medians"].items():
+        t.add_row(f"median over rounds: {name}", _f(r, "{:.2f}x"))
     t.add_row(f"AMP switched to {sm['amp_toggled_to']}, vs project",
               _f(sm["amp_toggled_ratio_vs_project"], "{:.2f}x"))
     t.add_row("loader over training (>= 3: loading is not the bottleneck)",

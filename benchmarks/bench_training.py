@@ -1,9 +1,13 @@
-"""Throughput benchmark, training: the project's input pipeline (the package's loader,
+"""Throughput benchmark, training: the project's input pipeline (the package's data path,
 normalization, device augmentation, loss and mixed-precision rule, as training uses them)
-against the baseline and each optimization switched off; and the loader against training."""
+against the baseline and each optimization switched off; and the data path against training.
+
+Steps are timed in blocks (one device sync at each end of a round's steps, none between), so
+a step that never waits on the device can overlap the next one, as in training."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +24,10 @@ from baseline import (
 from bench_common import DEPTH, LR, _amp_dtype, _sync, project_mixed_precision
 
 from brainseg_dist.augment import DeviceAugment
-from brainseg_dist.config import AugmentConfig
+from brainseg_dist.config import AugmentConfig, DataConfig
 from brainseg_dist.console import console
 from brainseg_dist.data import SliceData
+from brainseg_dist.data.device import DeviceBatches, resolve_on_device
 from brainseg_dist.data.loader import make_loader
 from brainseg_dist.metrics import bce_dice_loss
 from brainseg_dist.model import build_model
@@ -48,13 +53,16 @@ class Pipeline:
     amp: str  # "no" | "bf16" | "fp16"
     normalize_on_device: bool  # uint8 batches, normalized on the device
     augment: torch.nn.Module | None  # batched device augmentation, or None
+    sync_every_step: bool = False  # the old step: loss.item() and bool(finite) every step
     settings: dict[str, Any] = field(default_factory=dict)
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # per-step mean of each timed block
     scaler: Any = None
+    first_step_s: float | None = None  # the first warm-up step (a compile, if any)
 
     def __post_init__(self):
         if self.amp == "fp16" and self.device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
+        self.loss_sum = torch.zeros((), device=self.device)  # the sync-free step's loss
 
     def step(self) -> None:
         """One full training step, including fetching the batch from the loader."""
@@ -72,6 +80,11 @@ class Pipeline:
                             enabled=dtype is not None):
             logits = self.model(x)
         loss = bce_dice_loss(logits, y)
+        if self.sync_every_step:  # what training did before: two host syncs per step
+            loss.item()
+            bool(~torch.isfinite(loss.detach()))
+        else:
+            self.loss_sum += loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -82,11 +95,16 @@ class Pipeline:
             self.optimizer.step()
 
     def timed_step(self) -> float:
+        return self.timed_steps(1)
+
+    def timed_steps(self, n: int) -> float:
+        """Seconds per step over ``n`` steps, with a device sync only at both ends."""
         _sync(self.device)
         t0 = time.perf_counter()
-        self.step()
+        for _ in range(n):
+            self.step()
         _sync(self.device)
-        return time.perf_counter() - t0
+        return (time.perf_counter() - t0) / n
 
     def close(self) -> None:
         """Stop loader worker processes (a DataLoader iterator shuts them down when freed)."""
@@ -96,58 +114,95 @@ def _model(base_width: int, channels_last: bool, device: torch.device) -> torch.
     torch.manual_seed(0)  # the same initial weights for every pipeline
     return build_model(base_width, DEPTH, channels_last).to(device).train()
 
+def project_on_device(data: SliceData, device: torch.device) -> bool:
+    """The project's default data path here (``data.on_device: auto``)."""
+    return resolve_on_device("auto", device, data.images.nbytes + data.masks.nbytes,
+                             DataConfig().device_memory_budget)
+
+def data_batches(data: SliceData, batch_size: int, device: torch.device, on_device: bool,
+                 seed: int = 0) -> Iterator:
+    """Full uint8 batches, epoch after epoch: held on the device (training's
+    :class:`DeviceBatches`) or from the in-memory DataLoader."""
+    if not on_device:
+        loader = make_loader(data, batch_size, shuffle=True, drop_last=True, seed=seed)
+        return _cycle(lambda: loader)
+    batches = DeviceBatches(data, batch_size, seed, device)
+
+    def epochs() -> Iterator:
+        for epoch in itertools.count():
+            batches.set_epoch(epoch)
+            yield from (b for b in batches if len(b[2]) == batch_size)
+
+    return epochs()
+
 def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipeline]:
-    """The baseline, the project pipeline and one ablation per speed choice."""
+    """The baseline (and the baseline at other worker counts), the project pipeline, one
+    ablation per speed choice, and the compiled project when ``args.compile``."""
     bs, bw = args.batch_size, args.base_width
     # Enough batches that the workers keep producing through every timed step: a timed
     # window then starts and ends with the prefetch buffer full (steady state), so it
     # pays for exactly the batches it consumes.
-    n_batches = args.warmup + args.steps + 4 * args.workers + 4
+    n_batches = args.warmup + args.steps + 4 * max(args.workers, *args.baseline_workers) + 4
     project_amp = project_mixed_precision(device)
     toggled_amp = "no" if project_amp != "no" else "bf16"
+    on_device = project_on_device(data, device)
     aug_cfg = AugmentConfig()
+    where = {True: "uint8 held on the device", False: "uint8 in-memory DataLoader, 0 workers"}
 
-    def project_batches(seed: int = 0) -> Iterator:
-        loader = make_loader(data, bs, shuffle=True, drop_last=True, seed=seed)
-        return _cycle(lambda: loader)
-
-    def device_augment() -> DeviceAugment:
-        return DeviceAugment(aug_cfg).to(device).train()
-
-    def pipeline(name, description, batches, channels_last, amp, on_device, augment):
+    def pipeline(name, description, batches, channels_last=True, amp=project_amp,
+                 augment=True, data_on_device=on_device, workers=args.workers, **options):
         model = _model(bw, channels_last, device)
         return Pipeline(
             name, description, batches, model, torch.optim.Adam(model.parameters(), lr=LR),
             device, torch.channels_last if channels_last else torch.contiguous_format, amp,
-            on_device, augment,
+            augment is not None, DeviceAugment(aug_cfg).to(device).train() if augment else None,
+            **options,
             settings={"channels_last": channels_last, "mixed_precision": amp,
-                      "augmentation": "device (batched, Kornia)" if augment is not None
-                      else f"per-sample on CPU in {args.workers} loader workers",
-                      "loader": "uint8 in memory, 0 workers" if augment is not None
-                      else f"{args.workers} workers"})
+                      "augmentation": "device (batched, Kornia)" if augment
+                      else f"per-sample on CPU in {workers} loader workers",
+                      "loader": where[data_on_device] if augment else f"{workers} workers"})
 
-    baseline_loader = per_sample_loader(
-        BaselineDataset(data, PerSampleAugment.buda(aug_cfg)), bs, n_batches, args.workers)
+    def project_batches(toggled: bool = False) -> Iterator:
+        return data_batches(data, bs, device, on_device != toggled)
+
+    def baseline(workers: int, name: str = "baseline") -> Pipeline:
+        loader = per_sample_loader(BaselineDataset(data, PerSampleAugment.buda(aug_cfg)), bs,
+                                   n_batches, workers)
+        return pipeline(name, "reference: float32 slices, per-sample CPU augmentation in "
+                        f"{workers} DataLoader workers, fp32, NCHW", iter(loader), False, "no",
+                        None, False, workers)
+
     cpu_aug_loader = per_sample_loader(
         Uint8AugmentDataset(data, PerSampleAugment.from_config(aug_cfg)), bs, n_batches,
         args.workers)
     amp_word = {"no": "off", "bf16": "bf16", "fp16": "fp16"}
-    return [
-        pipeline("baseline", "reference: float32 slices, per-sample CPU augmentation in "
-                 f"{args.workers} DataLoader workers, fp32, NCHW", iter(baseline_loader),
-                 False, "no", False, None),
-        pipeline("project", "uint8 in-memory loader, device normalization + batched device "
-                 f"augmentation, channels-last, AMP {amp_word[project_amp]} (project default)",
-                 project_batches(), True, project_amp, True, device_augment()),
+    pipelines = [
+        baseline(args.workers),
+        pipeline("project", f"{where[on_device]}, device normalization + batched device "
+                 f"augmentation, channels-last, AMP {amp_word[project_amp]}, no host sync in "
+                 "the step (project default)", project_batches()),
         pipeline("no_device_augment", "project, but per-sample CPU augmentation in "
-                 f"{args.workers} loader workers", iter(cpu_aug_loader), True, project_amp,
-                 True, None),
+                 f"{args.workers} loader workers", iter(cpu_aug_loader), augment=False,
+                 data_on_device=False),
         pipeline("no_channels_last", "project, but NCHW (contiguous) model and inputs",
-                 project_batches(), False, project_amp, True, device_augment()),
+                 project_batches(), channels_last=False),
         pipeline("amp_toggled", f"project, but AMP {amp_word[toggled_amp]} (project default "
-                 f"on {device.type}: {amp_word[project_amp]})", project_batches(), True,
-                 toggled_amp, True, device_augment()),
+                 f"on {device.type}: {amp_word[project_amp]})", project_batches(),
+                 amp=toggled_amp),
+        pipeline("data_toggled", f"project, but {where[not on_device]} (project default on "
+                 f"{device.type}: {where[on_device]})", project_batches(toggled=True),
+                 data_on_device=not on_device),
+        pipeline("sync_per_step", "project, but loss.item() and bool(finite) every step (the "
+                 "step before the sync-free one)", project_batches(), sync_every_step=True),
     ]
+    if args.compile:
+        compiled = pipeline("compiled", "project, with train.compile (torch.compile of the "
+                            "model; off by default)", project_batches())
+        compiled.model.compile()
+        pipelines.append(compiled)
+    pipelines += [baseline(w, f"baseline_workers_{w}") for w in args.baseline_workers
+                  if w != args.workers]
+    return pipelines
 
 def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
     median = statistics.median(times)
@@ -162,44 +217,74 @@ def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
         "step_times_s": [round(t, 5) for t in times],
     }
 
+def _round_ratio(p: Pipeline, ref: Pipeline) -> float:
+    """Median over rounds of ``ref``'s step time over ``p``'s in the same round (> 1: ``p``
+    is faster): each round's pair ran back to back, under the same load."""
+    return statistics.median(r / t for t, r in zip(p.times, ref.times, strict=True))
+
 def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
     """Warm every pipeline up, then time ``steps`` steps each, interleaved in rounds (order
-    reversed every other round) so a load change on the machine hits all of them alike."""
+    reversed every other round) so a load change on the machine hits all of them alike.
+    Each round's steps of a pipeline are timed as one block (``Pipeline.times`` holds one
+    per-step time per round)."""
     for p in pipelines:
         console.print(f"  warm-up: {p.name}")
-        for _ in range(args.warmup):
-            p.timed_step()
+        for i in range(max(args.warmup, 1)):  # at least one: the compile, if any, is here
+            t = p.timed_step()
+            p.first_step_s = t if i == 0 else p.first_step_s
     per_round = [args.steps // args.rounds + (r < args.steps % args.rounds)
                  for r in range(args.rounds)]
     for r, n in enumerate(per_round):
         order = pipelines if r % 2 == 0 else pipelines[::-1]
         for p in order:
-            p.times += [p.timed_step() for _ in range(n)]
+            p.times.append(p.timed_steps(n))
             console.print(f"  round {r + 1}/{args.rounds}: {p.name} "
-                          f"{statistics.median(p.times) * 1000:.0f} ms/step")
+                          f"{p.times[-1] * 1000:.0f} ms/step")
+    by_name = {p.name: p for p in pipelines}
     results: dict[str, Any] = {}
-    base = _summary(pipelines[0].times, args.batch_size)
-    project = _summary(pipelines[1].times, args.batch_size)
+    base = _summary(by_name["baseline"].times, args.batch_size)
+    project = _summary(by_name["project"].times, args.batch_size)
     for p in pipelines:
         r = {"description": p.description, **p.settings, **_summary(p.times, args.batch_size)}
         r["speedup_vs_baseline"] = r["images_per_s"] / base["images_per_s"]
-        # From each pipeline's fastest step: less sensitive to other processes' load.
+        # From each pipeline's fastest round: less sensitive to other processes' load.
         r["speedup_vs_baseline_best"] = r["best_images_per_s"] / base["best_images_per_s"]
+        r["round_median_speedup_vs_baseline"] = _round_ratio(p, by_name["baseline"])
+        if p.name != "baseline" and not p.name.startswith("baseline_"):
+            r["first_step_s"] = p.first_step_s
         if p.name not in ("baseline", "project"):
             r["ratio_vs_project"] = r["images_per_s"] / project["images_per_s"]
             r["ratio_vs_project_best"] = r["best_images_per_s"] / project["best_images_per_s"]
+            r["round_median_ratio_vs_project"] = _round_ratio(p, by_name["project"])
             # > 1: the project's choice (this optimization on) is faster on this device.
             r["project_choice_gain"] = 1 / r["ratio_vs_project"]
         results[p.name] = r
-    return {"baseline": results.pop("baseline"), "project": results.pop("project"),
-            "ablations": results}
+    out = {"baseline": results.pop("baseline"), "project": results.pop("project")}
+    sweep = {k: results.pop(k) for k in list(results) if k.startswith("baseline_workers_")}
+    if "compiled" in results:
+        out["compile"] = _compile_payoff(results.pop("compiled"), out["project"])
+    out["ablations"] = results
+    out["baseline_workers"] = {str(args.workers): out["baseline"]["images_per_s"], **{
+        k.removeprefix("baseline_workers_"): r["images_per_s"] for k, r in sweep.items()}}
+    out["baseline_sweep"] = sweep
+    return out
+
+def _compile_payoff(compiled: dict[str, Any], project: dict[str, Any]) -> dict[str, Any]:
+    """What ``train.compile`` costs (the first step, less a steady one) and saves per step;
+    the steps after which it has paid for itself (None: it never does)."""
+    cost = compiled["first_step_s"] - compiled["median_step_s"]
+    saved = project["median_step_s"] - compiled["median_step_s"]
+    return {**compiled, "compile_seconds": cost, "saved_per_step_s": saved,
+            "break_even_steps": cost / saved if saved > 0 else None}
 
 def measure_loader(data: SliceData, args, device: torch.device) -> dict[str, Any]:
-    """The project loader alone (with the device transfer), the whole input pipeline
-    (loader + normalization + device augmentation) and the reference's loader alone."""
+    """The project's data path alone (device-resident batches, or the loader with the device
+    transfer), the other path, the whole input pipeline (data + normalization + device
+    augmentation) and the reference's loader alone."""
     bs, n = args.batch_size, args.loader_batches
-    loader = make_loader(data, bs, shuffle=True, drop_last=True, seed=1)
-    batches = _cycle(lambda: loader)
+    on_device = project_on_device(data, device)
+    batches = data_batches(data, bs, device, on_device, seed=1)
+    other = data_batches(data, bs, device, not on_device, seed=1)
     augment = DeviceAugment(AugmentConfig()).to(device).train()
 
     def rate(fn: Callable[[], None], count: int) -> float:
@@ -211,8 +296,8 @@ def measure_loader(data: SliceData, args, device: torch.device) -> dict[str, Any
         _sync(device)
         return bs * count / (time.perf_counter() - t0)
 
-    def fetch():
-        images, masks = next(batches)[:2]
+    def fetch(source: Iterator = batches):
+        images, masks = next(source)[:2]
         return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
 
     def pipeline():
@@ -220,7 +305,9 @@ def measure_loader(data: SliceData, args, device: torch.device) -> dict[str, Any
         x = normalize(images, "slice").contiguous(memory_format=torch.channels_last)
         augment(x, masks.float())
 
-    out = {"project_loader_images_per_s": rate(fetch, max(n, 20)),
+    out = {"project_data_on_device": on_device,
+           "project_loader_images_per_s": rate(fetch, max(n, 20)),
+           "other_data_path_images_per_s": rate(lambda: fetch(other), max(n, 20)),
            "input_pipeline_images_per_s": rate(pipeline, n)}
     ref = per_sample_loader(BaselineDataset(data, PerSampleAugment.buda()), bs, n + 1,
                             args.workers, seed=1)

@@ -38,6 +38,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_augment import measure_augmentation
 from bench_common import DEPTH, SCHEMA_VERSION, _load_average, hardware, project_mixed_precision
 from bench_data import measure_decode, prepare_data
 from bench_inference import measure_inference
@@ -50,8 +51,8 @@ from brainseg_dist.io import atomic_write_json
 
 # mode -> defaults; explicit command-line values win.
 MODES: dict[str, dict[str, Any]] = {
-    "full": {"patients": 16, "slices": (20, 40), "base_width": 32, "steps": 20, "warmup": 3,
-             "rounds": 4, "loader_batches": 40, "infer_iters": (100, 20), "infer_warmup": 5,
+    "full": {"patients": 16, "slices": (20, 40), "base_width": 32, "steps": 25, "warmup": 3,
+             "rounds": 5, "loader_batches": 40, "infer_iters": (100, 20), "infer_warmup": 5,
              "scaling_steps": 10, "scaling_warmup": 3, "compile": True,
              "compile_budget": 900.0},
     "quick": {"patients": 6, "slices": (20, 40), "base_width": 16, "steps": 3, "warmup": 1,
@@ -87,10 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patients", type=int, help="synthetic patients")
     p.add_argument("--workers", type=int, default=2,
                    help="DataLoader workers of the per-sample CPU augmentation pipelines")
+    p.add_argument("--baseline-workers", type=lambda v: [int(w) for w in v.split(",") if w],
+                   default=[], metavar="N,N",
+                   help="also time the baseline with these loader worker counts (its best "
+                        "one is reported beside --workers)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure torch.compile inference (default: on in full mode, off in "
-                        "--quick)")
+                   help="measure torch.compile: inference, and a compiled training pipeline "
+                        "(default: on in full mode, off in --quick)")
     p.add_argument("--compile-budget", type=float, help="seconds before compile is given up")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
                    help="measure 1 against N data-parallel processes")
@@ -105,8 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.infer_batches = (1, 32)
     if args.image_size % 2**DEPTH or args.image_size < 2**DEPTH:
         p.error(f"--image-size must be a multiple of {2**DEPTH}")
-    if min(args.steps, args.rounds, args.batch_size, args.workers) < 1 or args.warmup < 0:
-        p.error("--steps, --rounds, --batch-size and --workers must be >= 1, --warmup >= 0")
+    if (min(args.steps, args.rounds, args.batch_size, args.workers, *args.baseline_workers) < 1
+            or args.warmup < 0):
+        p.error("--steps, --rounds, --batch-size and --workers (and --baseline-workers) must "
+                "be >= 1, --warmup >= 0")
     args.rounds = min(args.rounds, args.steps)
     return args
 
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["hardware"] = hardware(device)
     res["settings"] = {k: getattr(args, k) for k in (
         "mode", "batch_size", "image_size", "base_width", "steps", "warmup", "rounds",
-        "workers", "infer_batches", "compile", "scaling")}
+        "workers", "baseline_workers", "infer_batches", "compile", "scaling")}
     res["settings"]["depth"] = DEPTH
     res["settings"]["project_mixed_precision"] = project_mixed_precision(device)
     with tempfile.TemporaryDirectory(prefix="brainseg-bench-") as tmp:
@@ -151,6 +158,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p in pipelines:
                 p.close()
             del pipelines
+
+        console.print("augmentation ...")
+        res["augment"] = measure_augmentation(data, args, device,
+                                              res["train"]["project"]["median_step_s"])
 
         console.print("loader ...")
         lo = measure_loader(data, args, device)
@@ -194,7 +205,7 @@ def check_conditions(res: dict[str, Any]) -> list[str]:
             "inference, augmentation). Ratios within this run stay comparable; absolute "
             "numbers do not. OMP_WAIT_POLICY=passive or --threads 1 reduce the distortion.")
     rows = [("baseline", res["train"]["baseline"]), ("project", res["train"]["project"]),
-            *res["train"]["ablations"].items()]
+            *res["train"]["ablations"].items(), *res["train"]["baseline_sweep"].items()]
     noisy = [name for name, r in rows if r["steps"] > 1 and r["max_step_s"] > 1.5 * r["min_step_s"]]
     if noisy:
         out.append(f"scattered step times (slowest > 1.5x fastest) for {', '.join(noisy)}: "
@@ -210,9 +221,22 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "channels_last_gain": tr["ablations"]["no_channels_last"]["project_choice_gain"],
         "amp_toggled_ratio_vs_project": tr["ablations"]["amp_toggled"]["ratio_vs_project"],
         "amp_toggled_to": tr["ablations"]["amp_toggled"]["mixed_precision"],
+        "data_toggled_ratio_vs_project": tr["ablations"]["data_toggled"]["ratio_vs_project"],
+        "sync_free_gain": tr["ablations"]["sync_per_step"]["project_choice_gain"],
+        "project_speedup_vs_best_baseline": (tr["project"]["images_per_s"]
+                                             / max(tr["baseline_workers"].values())),
+        "best_baseline_workers": int(max(tr["baseline_workers"],
+                                         key=tr["baseline_workers"].get)),
+        "augment_share_of_step": res["augment"]["augment_share_of_step"],
         "loader_over_train": res["loader"]["loader_over_train"],
         "torchscript_over_eager": inf["torchscript_over_eager"],
         # The same training ratios from each pipeline's fastest step (robust to load spikes).
+        # Medians over rounds of the per-round ratios (each round measured every pipeline).
+        "round_medians": {
+            "project_speedup_vs_baseline": tr["project"]["round_median_speedup_vs_baseline"],
+            **{f"{name}_ratio_vs_project": r["round_median_ratio_vs_project"]
+               for name, r in tr["ablations"].items()},
+        },
         "best_step": {
             "project_speedup_vs_baseline": tr["project"]["speedup_vs_baseline_best"],
             **{f"{name}_ratio_vs_project": r["ratio_vs_project_best"]
@@ -222,6 +246,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     # Project defaults that measured slower than switching them off (5% margin for noise).
     s["project_defaults_slower_than_alternative"] = [
         name for name, r in tr["ablations"].items() if r["ratio_vs_project"] > 1.05]
+    if "compile" in tr:
+        s["compile"] = {k: tr["compile"][k] for k in (
+            "compile_seconds", "saved_per_step_s", "break_even_steps", "ratio_vs_project")}
     sc = res.get("scaling", {})
     if sc.get("status") == "ok":
         last = sc["runs"][-1]

@@ -17,7 +17,8 @@ from helpers import REPO
 SCRIPT = REPO / "benchmarks" / "throughput.py"
 PIPELINE_KEYS = ("images_per_s", "median_step_s", "mean_images_per_s", "best_images_per_s",
                  "speedup_vs_baseline")
-ABLATIONS = ("no_device_augment", "no_channels_last", "amp_toggled")
+ABLATIONS = ("no_device_augment", "no_channels_last", "amp_toggled", "data_toggled",
+             "sync_per_step")
 
 
 def _positive(x) -> bool:
@@ -35,7 +36,7 @@ def _run(tmp_path, *extra: str) -> dict:
 
 
 def test_tiny_run_writes_every_ratio(tmp_path):
-    res = _run(tmp_path, "--no-scaling", "--no-compile")
+    res = _run(tmp_path, "--no-scaling", "--no-compile", "--baseline-workers", "1")
     assert res["schema"] == 1
     assert res["settings"]["mode"] == "tiny"
     hw = res["hardware"]
@@ -67,10 +68,24 @@ def test_tiny_run_writes_every_ratio(tmp_path):
         assert r["ratio_vs_project"] * r["project_choice_gain"] == pytest.approx(1.0)
     assert train["ablations"]["amp_toggled"]["mixed_precision"] == "bf16"
     assert train["ablations"]["no_channels_last"]["channels_last"] is False
+    assert train["project"]["loader"] == "uint8 in-memory DataLoader, 0 workers"  # CPU default
+    assert train["ablations"]["data_toggled"]["loader"] == "uint8 held on the device"
+    assert set(train["baseline_workers"]) == {"1", "2"}
+    assert _positive(train["baseline_sweep"]["baseline_workers_1"]["images_per_s"])
+    for name, r in train["ablations"].items():
+        assert _positive(r["round_median_ratio_vs_project"]), name
+
+    aug = res["augment"]
+    for key in ("normalize_ms", "augment_ms", "augment_share_of_step", "input_share_of_step"):
+        assert _positive(aug[key]), key
+    assert set(aug["ops_ms"]) == {"RandomHorizontalFlip", "RandomRotation",
+                                  "RandomElasticTransform"}
 
     loader = res["loader"]
+    assert loader["project_data_on_device"] is False
     for key in ("project_loader_images_per_s", "input_pipeline_images_per_s",
-                "baseline_loader_images_per_s", "loader_over_train"):
+                "baseline_loader_images_per_s", "loader_over_train",
+                "other_data_path_images_per_s"):
         assert _positive(loader[key]), key
     assert isinstance(loader["loader_is_bottleneck"], bool)
 
@@ -89,6 +104,11 @@ def test_tiny_run_writes_every_ratio(tmp_path):
     summary = res["summary"]
     assert _positive(summary["project_speedup_vs_baseline"])
     assert _positive(summary["loader_over_train"])
+    for key in ("sync_free_gain", "data_toggled_ratio_vs_project", "augment_share_of_step",
+                "project_speedup_vs_best_baseline"):
+        assert _positive(summary[key]), key
+    assert set(summary["round_medians"]) == {"project_speedup_vs_baseline", *(
+        f"{name}_ratio_vs_project" for name in ABLATIONS)}
     assert isinstance(summary["project_defaults_slower_than_alternative"], list)
     assert isinstance(res["warnings"], list)
 
