@@ -142,7 +142,7 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
     # Enough batches that the workers keep producing through every timed step: a timed
     # window then starts and ends with the prefetch buffer full (steady state), so it
     # pays for exactly the batches it consumes.
-    n_batches = args.warmup + args.steps + 4 * max(args.workers, *args.baseline_workers) + 4
+    n_batches = args.warmup + args.steps + 4 * max([args.workers, *args.baseline_workers]) + 4
     project_amp = project_mixed_precision(device)
     toggled_amp = "no" if project_amp != "no" else "bf16"
     on_device = project_on_device(data, device)
