@@ -157,6 +157,8 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
                                                             "{:.1%}"))
     for name, r in sm["round_medians"].items():
         t.add_row(f"median over rounds: {name}", _f(r, "{:.2f}x"))
+    for name, r in sm["round_medians_cpu_time"].items():
+        t.add_row(f"median over rounds, CPU seconds: {name}", _f(r, "{:.2f}x"))
     t.add_row(f"AMP switched to {sm['amp_toggled_to']}, vs project",
               _f(sm["amp_toggled_ratio_vs_project"], "{:.2f}x"))
     t.add_row("loader over training (>= 3: loading is not the bottleneck)",

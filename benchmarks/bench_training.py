@@ -56,6 +56,9 @@ class Pipeline:
     sync_every_step: bool = False  # the old step: loss.item() and bool(finite) every step
     settings: dict[str, Any] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)  # per-step mean of each timed block
+    # The same in this process's CPU seconds: on a CPU shared with other jobs, a steadier
+    # measure of the work of pipelines that do it all in this process (no loader workers).
+    cpu_times: list[float] = field(default_factory=list)
     scaler: Any = None
     first_step_s: float | None = None  # the first warm-up step (a compile, if any)
 
@@ -98,12 +101,14 @@ class Pipeline:
         return self.timed_steps(1)
 
     def timed_steps(self, n: int) -> float:
-        """Seconds per step over ``n`` steps, with a device sync only at both ends."""
+        """Seconds per step over ``n`` steps, with a device sync only at both ends; the
+        process's CPU seconds per step go to ``cpu_times``."""
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             self.step()
         _sync(self.device)
+        self.cpu_times.append((time.process_time() - c0) / n)
         return (time.perf_counter() - t0) / n
 
     def close(self) -> None:
@@ -217,10 +222,13 @@ def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
         "step_times_s": [round(t, 5) for t in times],
     }
 
-def _round_ratio(p: Pipeline, ref: Pipeline) -> float:
+def _round_ratio(p: Pipeline, ref: Pipeline, cpu: bool = False) -> float:
     """Median over rounds of ``ref``'s step time over ``p``'s in the same round (> 1: ``p``
-    is faster): each round's pair ran back to back, under the same load."""
-    return statistics.median(r / t for t, r in zip(p.times, ref.times, strict=True))
+    is faster): each round's pair ran back to back, under the same load. ``cpu``: from the
+    process's CPU seconds instead of wall time."""
+    times, ref_times = (p.cpu_times, ref.cpu_times) if cpu else (p.times, ref.times)
+    return statistics.median(r / t for t, r in zip(times[-len(p.times):],
+                                                   ref_times[-len(ref.times):], strict=True))
 
 def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
     """Warm every pipeline up, then time ``steps`` steps each, interleaved in rounds (order
@@ -256,6 +264,9 @@ def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
             r["ratio_vs_project"] = r["images_per_s"] / project["images_per_s"]
             r["ratio_vs_project_best"] = r["best_images_per_s"] / project["best_images_per_s"]
             r["round_median_ratio_vs_project"] = _round_ratio(p, by_name["project"])
+            if not p.name.startswith("no_device"):  # workers' CPU time is not ours
+                r["round_median_cpu_ratio_vs_project"] = _round_ratio(p, by_name["project"],
+                                                                      cpu=True)
             # > 1: the project's choice (this optimization on) is faster on this device.
             r["project_choice_gain"] = 1 / r["ratio_vs_project"]
         results[p.name] = r

@@ -237,6 +237,11 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             **{f"{name}_ratio_vs_project": r["round_median_ratio_vs_project"]
                for name, r in tr["ablations"].items()},
         },
+        # The same from the process's CPU seconds (pipelines without loader workers only).
+        "round_medians_cpu_time": {
+            f"{name}_ratio_vs_project": r["round_median_cpu_ratio_vs_project"]
+            for name, r in tr["ablations"].items() if "round_median_cpu_ratio_vs_project" in r
+        },
         "best_step": {
             "project_speedup_vs_baseline": tr["project"]["speedup_vs_baseline_best"],
             **{f"{name}_ratio_vs_project": r["ratio_vs_project_best"]

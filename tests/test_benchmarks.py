@@ -109,6 +109,8 @@ def test_tiny_run_writes_every_ratio(tmp_path):
         assert _positive(summary[key]), key
     assert set(summary["round_medians"]) == {"project_speedup_vs_baseline", *(
         f"{name}_ratio_vs_project" for name in ABLATIONS)}
+    assert set(summary["round_medians_cpu_time"]) == {  # workers' CPU time is not measured
+        f"{name}_ratio_vs_project" for name in ABLATIONS if name != "no_device_augment"}
     assert isinstance(summary["project_defaults_slower_than_alternative"], list)
     assert isinstance(res["warnings"], list)
 

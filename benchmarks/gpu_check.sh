@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The whole GPU verification of the fast path in one prepared run: under 8 minutes on one
+# H100 or H200, with no network. --cpu (or GPU_CHECK_CPU=1) runs tiny versions of every step
+# on the CPU in about a minute; tests/test_benchmarks.py runs that mode, so the script cannot rot.
+#
+#   mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/   # beforehand: .whl/ is ignored
+#   bash benchmarks/gpu_check.sh           # results in $OUT, else runs/gpu_check
+#   bash benchmarks/gpu_check.sh --cpu
+#
+# Steps, each under its own time limit (exit status and seconds go to gpu_check.json):
+#   kornia      installed from .whl/ (pip --no-index --no-deps, into a scratch directory) when
+#               it is missing; the project runs from source (PYTHONPATH): nothing else is
+#               installed and nothing is downloaded or copied at run time
+#   checks      benchmarks/gpu_checks.py: bf16 activations under autocast, channels-last
+#               convolution inputs after the augmentation, Kornia on the device, batches from
+#               slices held on the device, no host sync inside a step
+#   pytest      the gpu-marked tests (the same checks under pytest), when pytest is installed
+#   throughput  the full benchmarks/throughput.py --json: the baseline at the dataset
+#               author's 4 loader workers and at more, every ablation, compiled training
+#   train       3 epochs of configs/lgg_unet128.yaml on a synthetic set: images/s, peak memory
+#   summary     gpu_check.json: the issue's targets against the results
+# Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
+# train.json (scratch data, runs and caches stay in a temporary directory).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+MODE=gpu
+if [[ "${1:-}" == "--cpu" || "${GPU_CHECK_CPU:-0}" == 1 ]]; then MODE=cpu; fi
+OUT_DIR=${OUT:-runs/gpu_check}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG=$OUT_DIR/gpu_check.log
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+STEPS=$WORK/steps.txt
+: >"$LOG"
+: >"$STEPS"
+
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+    for candidate in python3 python; do
+        if command -v "$candidate" >/dev/null && "$candidate" -c "import torch" 2>/dev/null; then
+            PY=$candidate
+            break
+        fi
+    done
+fi
+[[ -n "$PY" ]] || { echo "gpu_check: no python with torch found (set PYTHON)" >&2; exit 1; }
+export PYTHONPATH="$REPO:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+export BRAINSEG_NO_PROGRESS=1 BRAINSEG_CACHE_DIR=$WORK/cache
+
+log() { echo "gpu_check: $*" | tee -a "$LOG"; }
+
+# step NAME LIMIT_S COMMAND...: run it under a time limit, log its output, record the result.
+step() {
+    local name=$1 limit=$2 t0 rc ms
+    shift 2
+    log "$name (limit ${limit} s): $*"
+    t0=$(date +%s%N)
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    printf '%s %d %d.%03d\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) >>"$STEPS"
+    log "$name: exit status $rc after $((ms / 1000)) s"
+    return $rc
+}
+
+install_kornia() {
+    if "$PY" -c "import kornia" 2>/dev/null; then
+        echo "kornia $("$PY" -c 'import kornia; print(kornia.__version__)') already installed"
+        return 0
+    fi
+    compgen -G ".whl/*.whl" >/dev/null || {
+        echo "no wheels in .whl/: run 'mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/'"
+        return 1
+    }
+    "$PY" -m pip install --no-index --no-deps --quiet --target "$WORK/site" .whl/*.whl &&
+        "$PY" -c "import kornia; print('kornia', kornia.__version__, 'from', kornia.__file__)"
+}
+
+FAILED=0
+log "mode $MODE, python $("$PY" -c 'import sys; print(sys.version.split()[0])'), torch" \
+    "$("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)'), output $OUT_DIR"
+command -v nvidia-smi >/dev/null && nvidia-smi >>"$LOG" 2>&1
+export PY WORK
+step kornia 60 bash -c "$(declare -f install_kornia); install_kornia" || FAILED=1
+CORES=$(nproc)
+if [[ $MODE == gpu ]]; then
+    step checks 60 "$PY" benchmarks/gpu_checks.py checks --device cuda --work "$WORK/checks" \
+        --json "$OUT_DIR/checks.json" || FAILED=1
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        step pytest 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py ||
+            FAILED=1
+    else
+        log "pytest: not installed here; the checks step ran the same checks"
+    fi
+    step throughput 240 "$PY" benchmarks/throughput.py --device cuda --workers 4 \
+        --baseline-workers "8,$CORES" --compile-budget 60 --json "$OUT_DIR/throughput.json" ||
+        FAILED=1
+    step train 90 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
+        --epochs 3 --synthetic-patients 60 --work "$WORK/train" --json "$OUT_DIR/train.json" ||
+        FAILED=1
+else
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+    step checks 120 "$PY" benchmarks/gpu_checks.py checks --device cpu --work "$WORK/checks" \
+        --json "$OUT_DIR/checks.json" || FAILED=1
+    step throughput 120 "$PY" benchmarks/throughput.py --tiny --device cpu --no-scaling \
+        --no-compile --baseline-workers 1 --json "$OUT_DIR/throughput.json" || FAILED=1
+    step train 120 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
+        --epochs 1 --synthetic-patients 4 --set data.image_size=32 --set model.base_width=4 \
+        --set train.batch_size=8 --set train.cpu=true --work "$WORK/train" \
+        --json "$OUT_DIR/train.json" || FAILED=1
+fi
+"$PY" benchmarks/gpu_checks.py summary --out "$OUT_DIR" --steps "$STEPS" >>"$LOG" 2>&1 ||
+    FAILED=1
+log "done: $OUT_DIR/gpu_check.json ($([[ $FAILED == 0 ]] && echo 'every step ran' ||
+    echo 'some step FAILED: see the log'))"
+exit $FAILED
