@@ -169,3 +169,31 @@ def test_kill_loop_checks_can_fail(trained_run, tmp_path):
     (run / "last.pt").unlink()
     with pytest.raises(AssertionError, match=r"without last\.pt"):
         check_after_kill(run)
+
+
+def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
+    """``benchmarks/gpu_check.sh --cpu``: the GPU verification's steps, tiny, on the CPU (the
+    checks with their CPU stand-ins, throughput --tiny, one epoch of lgg_unet128 shrunk)."""
+    import os
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu"], cwd=tmp_path,
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, capture_output=True,
+        text=True, timeout=600, check=False)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    assert proc.returncode == 0, proc.stderr[-2000:] + log[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == [  # all that comes back from a GPU run
+        "checks.json", "gpu_check.json", "gpu_check.log", "throughput.json", "train.json"]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["all_checks_ok"]
+    assert set(summary["checks"]) == {"bf16_autocast", "channels_last", "kornia_on_device",
+                                      "device_batches", "no_host_sync"}
+    assert {name: s["exit_status"] for name, s in summary["steps"].items()} == {
+        "kornia": 0, "checks": 0, "throughput": 0, "train": 0}
+    for name, c in summary["criteria"].items():
+        assert _positive(c["value"]), name
+        assert isinstance(c["met"], bool), name
+    train = summary["train"]
+    assert _positive(train["train_images_per_second"][0])
+    assert _positive(train["peak_rss_gb"])
