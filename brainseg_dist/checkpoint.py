@@ -68,8 +68,9 @@ class Checkpoint:
         return self.config.train.threshold
 
     @property
-    def model_args(self) -> dict[str, int]:
-        return {"base_width": self.config.model.base_width, "depth": self.config.model.depth}
+    def model_args(self) -> dict[str, int | str]:
+        m = self.config.model
+        return {"base_width": m.base_width, "depth": m.depth, "norm": m.norm}
 
 
 def save(path: str | Path, *, model: dict[str, torch.Tensor], config: Config, epoch: int,

@@ -28,6 +28,7 @@ from brainseg_dist.errors import ConfigError
 # builds its click.Choice options from them (via :func:`choices`).
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Normalization = Literal["slice", "volume"]
+NormLayer = Literal["batch", "instance"]
 Schedule = Literal["cosine", "constant"]
 DiceMode = Literal["sample", "batch"]
 Select = Literal["best", "last"]
@@ -89,6 +90,9 @@ class ModelConfig:
     # Share of tumour pixels the untrained head predicts (its bias starts at the logit of it);
     # 0: torch's default init (p = 0.5 everywhere).
     foreground_prior: float = 0.0
+    # batch: BatchNorm (running statistics in eval); instance: per-image statistics, the
+    # same in training and eval, as nnU-Net uses.
+    norm: NormLayer = "batch"
 
 
 @dataclass

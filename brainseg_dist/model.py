@@ -8,14 +8,25 @@ import torch
 from torch import nn
 
 
-def _block(in_ch: int, out_ch: int) -> nn.Sequential:
-    """Two 3×3 convolutions, each followed by BatchNorm and ReLU."""
+NORMS = ("batch", "instance")
+
+
+def _norm(kind: str, ch: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(ch)
+    if kind == "instance":  # per image and channel, the same in training and eval (nnU-Net)
+        return nn.InstanceNorm2d(ch, affine=True)
+    raise ValueError(f"unknown normalization layer {kind!r}; expected one of {NORMS}")
+
+
+def _block(in_ch: int, out_ch: int, norm: str = "batch") -> nn.Sequential:
+    """Two 3×3 convolutions, each followed by a normalization layer and ReLU."""
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_ch),
+        _norm(norm, out_ch),
         nn.ReLU(inplace=True),
         nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_ch),
+        _norm(norm, out_ch),
         nn.ReLU(inplace=True),
     )
 
@@ -28,24 +39,25 @@ class UNet(nn.Module):
         out_channels: output channels (1: tumour logit).
         base_width: channels of the first level; doubles at each level.
         depth: number of encoder levels (pooling steps); input sides must divide by 2**depth.
+        norm: ``"batch"`` (BatchNorm) or ``"instance"`` (InstanceNorm with affine weights).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, base_width: int = 32,
-                 depth: int = 4):
+                 depth: int = 4, norm: str = "batch"):
         super().__init__()
         widths = [base_width * 2**i for i in range(depth + 1)]
         self.encoders = nn.ModuleList()
         ch = in_channels
         for w in widths[:-1]:
-            self.encoders.append(_block(ch, w))
+            self.encoders.append(_block(ch, w, norm))
             ch = w
         self.pool = nn.MaxPool2d(2)
-        self.bottleneck = _block(widths[-2], widths[-1])
+        self.bottleneck = _block(widths[-2], widths[-1], norm)
         self.upconvs = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for w_in, w_out in zip(widths[:0:-1], widths[-2::-1], strict=True):
             self.upconvs.append(nn.ConvTranspose2d(w_in, w_out, 2, stride=2))
-            self.decoders.append(_block(2 * w_out, w_out))
+            self.decoders.append(_block(2 * w_out, w_out, norm))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +73,7 @@ class UNet(nn.Module):
 
 
 def build_model(base_width: int = 32, depth: int = 4, channels_last: bool = True,
-                foreground_prior: float = 0.0) -> UNet:
+                foreground_prior: float = 0.0, norm: str = "batch") -> UNet:
     """A freshly initialised U-Net, converted to channels-last memory format if asked.
 
     Args:
@@ -73,8 +85,9 @@ def build_model(base_width: int = 32, depth: int = 4, channels_last: bool = True
             initialisation of Lin et al. 2017). Adam moves a bias by at most about ``lr`` per
             step, so from torch's default (about 0, i.e. p = 0.5 everywhere) a short run never
             reaches confident background; 0 keeps torch's default.
+        norm: the normalization layer after each convolution (see :class:`UNet`).
     """
-    model = UNet(base_width=base_width, depth=depth)
+    model = UNet(base_width=base_width, depth=depth, norm=norm)
     if foreground_prior > 0:
         with torch.no_grad():
             model.head.bias.fill_(math.log(foreground_prior / (1 - foreground_prior)))

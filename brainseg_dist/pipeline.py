@@ -132,8 +132,9 @@ class SegmentationPipeline(nn.Module):
 
 def build_unet(ckpt: Checkpoint) -> nn.Module:
     """The checkpoint's U-Net in eval mode, contiguous memory format, on the CPU."""
-    unet = build_model(ckpt.model_args["base_width"], ckpt.model_args["depth"],
-                       channels_last=False)
+    args = ckpt.model_args
+    unet = build_model(int(args["base_width"]), int(args["depth"]), channels_last=False,
+                       norm=str(args["norm"]))
     try:
         unet.load_state_dict(ckpt.state["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:

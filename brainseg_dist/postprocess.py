@@ -220,7 +220,7 @@ class PostProcessing:
 
 
 PLAIN = PostProcessing()
-THRESHOLDS = (0.5, 0.4, 0.6)
+THRESHOLDS = (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8)
 COMPONENTS = (("all", 0), ("largest", 0), ("min_size", 250), ("min_size", 1000))
 
 

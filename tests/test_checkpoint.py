@@ -31,7 +31,7 @@ def test_round_trip_gives_a_typed_config(saved):
     assert ckpt.config == cfg
     assert ckpt.config_hash == cfg.hash()
     assert (ckpt.image_size, ckpt.normalization, ckpt.threshold) == (32, "volume", 0.4)
-    assert ckpt.model_args == {"base_width": 4, "depth": 2}
+    assert ckpt.model_args == {"base_width": 4, "depth": 2, "norm": "batch"}
     assert ckpt.epoch == 3
     assert ckpt.state["version"] == checkpoint.VERSION
     pipeline = build_pipeline(ckpt)

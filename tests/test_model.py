@@ -59,3 +59,22 @@ def test_foreground_prior_sets_the_untrained_foreground_share():
     with torch.no_grad():
         assert 0.3 < torch.sigmoid(default(x)).mean() < 0.7
         assert torch.sigmoid(prior(x)).mean() < 0.05
+
+
+def test_instance_norm_gives_the_same_output_in_training_and_eval():
+    """InstanceNorm has no running statistics: eval mode computes what training computed,
+    unlike BatchNorm, whose eval output depends on the running averages."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    instance = build_model(base_width=4, depth=2, norm="instance")
+    kinds = {type(m).__name__ for m in instance.modules()}
+    assert "InstanceNorm2d" in kinds and "BatchNorm2d" not in kinds
+    with torch.no_grad():
+        torch.testing.assert_close(instance.train()(x), instance.eval()(x))
+        batch = build_model(base_width=4, depth=2).train()
+        assert not torch.allclose(batch(x), batch.eval()(x), atol=1e-3)
+
+
+def test_unknown_norm_layer_is_refused():
+    with pytest.raises(ValueError, match="unknown normalization layer 'layer'"):
+        build_model(base_width=4, norm="layer")

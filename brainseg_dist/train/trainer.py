@@ -125,7 +125,7 @@ class Trainer(CheckpointState):
         batches need none); compile, augmentation and EMA."""
         cfg, acc = self.cfg, self.accelerator
         model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last,
-                            cfg.model.foreground_prior)
+                            cfg.model.foreground_prior, cfg.model.norm)
         if (cfg.model.sync_batchnorm and acc.num_processes > 1
                 and acc.device.type == "cuda"):  # SyncBatchNorm is GPU-only in torch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
