@@ -136,6 +136,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training model (first steps pay the compile)
 
 
+# Keys added after runs were saved, with the value that keeps the behaviour before them.
+_ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch"}
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,8 +161,11 @@ class Config:
         for key in ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
                     "patience", "export", "log_every", "compile"):
             d["train"].pop(key)
-        if d["optim"]["scale_lr"] == "none":  # so runs saved before the key still resume
-            d["optim"].pop("scale_lr")
+        # Keys added later count only when set away from the old behaviour, so runs saved
+        # before they existed still resume.
+        for (section, key), old_behaviour in _ADDED_KEYS.items():
+            if d[section][key] == old_behaviour:
+                d[section].pop(key)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -90,7 +90,7 @@ def test_on_device_takes_yaml_booleans(tmp_path):
 
 def test_speed_settings_keep_the_hash_of_older_runs():
     """Keys added for speed (where the data lives, how often the loss is read, compile) do
-    not change what is trained; scale_lr does only when on. So runs saved before the keys
+    not change what is trained; scale_lr and model.norm do only when set. So runs saved before the keys
     existed still resume: these are the hashes of the configs before them."""
     assert Config().hash() == "fd059d5e72e0"
     assert load_config(REPO / "configs" / "cpu_small.yaml").hash() == "820ce3fe8350"
@@ -98,6 +98,7 @@ def test_speed_settings_keep_the_hash_of_older_runs():
                               "train.compile": True, "data.device_memory_budget": 0.5})
     assert fast.hash() == Config().hash()
     assert load_config(None, {"optim.scale_lr": "linear"}).hash() != Config().hash()
+    assert load_config(None, {"model.norm": "instance"}).hash() != Config().hash()
 
 
 def test_replace_validates():
