@@ -99,6 +99,7 @@ def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_ro
                     timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert (again.stdout + again.stderr).count("finished, skipped") == 3
+    assert "already evaluated" in again.stdout + again.stderr  # not evaluated a second time
     assert (out / "fold_0" / "best.pt").read_bytes() == before
     other = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out,
                      *TINY_CV[:1], "4", *TINY_CV[2:]])

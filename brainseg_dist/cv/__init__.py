@@ -19,6 +19,7 @@ once every fold has finished.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,17 @@ def train_folds(cfg: Config, out: Path, plan: dict[str, Any],
                 "seconds": time.perf_counter() - t0})
 
 
+def _current_summary(out: Path, plan: dict[str, Any]) -> CVResult | None:
+    """The saved result when it was written after every fold finished, else None."""
+    summary_path, table_path = out / rundir.CV_SUMMARY, out / rundir.CV_PER_PATIENT
+    if not (summary_path.is_file() and table_path.is_file()):
+        return None
+    done = [rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE for s in plan["splits"]]
+    if summary_path.stat().st_mtime < max(p.stat().st_mtime for p in done):
+        return None
+    return CVResult(out, json.loads(summary_path.read_text()), pd.read_csv(table_path))
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -154,6 +166,11 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
         console.print(f"folds {', '.join(str(k) for k in unfinished)} not finished yet; the "
                       "summary is written when every fold is done")
         return None
+    saved = _current_summary(out, plan)
+    if saved is not None:  # a rerun of a finished CV costs nothing
+        console.print(f"already evaluated: {out / rundir.CV_SUMMARY} is newer than every fold "
+                      "(delete it to evaluate again)")
+        return saved
     from brainseg_dist.cv_eval import evaluate_cv
 
     summary, table = evaluate_cv(out, plan, batch_size=batch_size, device=device)
