@@ -68,7 +68,8 @@ def test_instance_norm_gives_the_same_output_in_training_and_eval():
     x = torch.randn(3, 3, 32, 32)
     instance = build_model(base_width=4, depth=2, norm="instance")
     kinds = {type(m).__name__ for m in instance.modules()}
-    assert "InstanceNorm2d" in kinds and "BatchNorm2d" not in kinds
+    assert "InstanceNorm2d" in kinds
+    assert "BatchNorm2d" not in kinds
     with torch.no_grad():
         torch.testing.assert_close(instance.train()(x), instance.eval()(x))
         batch = build_model(base_width=4, depth=2).train()
