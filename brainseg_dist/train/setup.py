@@ -66,11 +66,15 @@ def lr_factor(epoch: int, cfg: Config) -> float:
 REFERENCE_BATCH = 32
 
 
+def global_batch(cfg: Config, num_processes: int) -> int:
+    """Images per optimizer step: ``batch_size × processes × accumulation``."""
+    return cfg.train.batch_size * num_processes * cfg.train.grad_accumulation
+
+
 def scaled_lr(cfg: Config, num_processes: int) -> float:
-    """``optim.lr`` scaled to the global batch (``batch_size × processes × accumulation``)
-    against :data:`REFERENCE_BATCH`: ``linear`` multiplies by the ratio, ``sqrt`` by its
-    square root, ``none`` leaves it."""
-    ratio = cfg.train.batch_size * num_processes * cfg.train.grad_accumulation / REFERENCE_BATCH
+    """``optim.lr`` scaled to the :func:`global_batch` against :data:`REFERENCE_BATCH`:
+    ``linear`` multiplies by the ratio, ``sqrt`` by its square root, ``none`` leaves it."""
+    ratio = global_batch(cfg, num_processes) / REFERENCE_BATCH
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.scale_lr]
     return cfg.optim.lr * factor
 

@@ -39,6 +39,7 @@ from brainseg_dist.train.report import log_scalars, overlay_grid, print_row
 from brainseg_dist.train.setup import (
     REFERENCE_BATCH,
     compile_model,
+    global_batch,
     make_accelerator,
     make_scheduler,
     prepare_data_dir,
@@ -281,14 +282,14 @@ class Trainer(CheckpointState):
 
         self.writer = SummaryWriter(str(self.out / rundir.TENSORBOARD), purge_step=(
             self.start_epoch + 1 if self.resume else None))
-        global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.grad_accumulation
+        batch = global_batch(cfg, acc.num_processes)
         scaling = ("" if cfg.optim.scale_lr == "none" else
                    f" (optim.lr {cfg.optim.lr:.2e} scaled {cfg.optim.scale_lr} to global batch "
-                   f"{global_batch} from {REFERENCE_BATCH})")
+                   f"{batch} from {REFERENCE_BATCH})")
         console.print(
             f"training on {acc.num_processes} process(es), device {acc.device}, "
             f"mixed precision {acc.mixed_precision}, batch {cfg.train.batch_size}/process "
-            f"(global {global_batch}), lr {self.lr:.2e}{scaling}, "
+            f"(global {batch}), lr {self.lr:.2e}{scaling}, "
             f"{len(self.train_data)} train / {len(self.val_data)} val slices "
             f"({len(self.split['train'])}/{len(self.split['val'])} patients), training data "
             f"{'on the device' if self.on_device else 'from a DataLoader'}"
