@@ -19,33 +19,54 @@ import numpy as np
 import torch
 
 
-def _touching_pairs(v: torch.Tensor, coords: torch.Tensor, in_plane: bool,
-                    full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs ``(i, j)`` of touching foreground voxels (one direction of each pair)."""
-    m = coords.shape[0]
-    # Flat indices in a volume padded by one voxel on each side: a neighbour offset can then
-    # never wrap around to the next row or slice.
-    h = v.shape[1] + 2
-    w = v.shape[2] + 2
-    flat = ((coords[:, 0] + 1) * h + coords[:, 1] + 1) * w + coords[:, 2] + 1
-    # Index of each foreground voxel in a padded volume (-1: background): one gather finds
-    # a neighbour, where a binary search would cost log(m) steps.
-    index = torch.full(((v.shape[0] + 2) * h * w,), -1, dtype=torch.long, device=v.device)
-    index[flat] = torch.arange(m, device=v.device)
+def _runs(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The foreground runs (maximal horizontal segments) of a ``D×H×W`` bool volume, in
+    raster order: each run's row (``z·H + y``), first and last column."""
+    rows = v.reshape(-1, v.shape[2])
+    pad = torch.nn.functional.pad(rows.to(torch.uint8), [1, 1]).to(torch.bool)
+    starts = torch.nonzero(pad[:, 1:-1] & ~pad[:, :-2])
+    ends = torch.nonzero(pad[:, 1:-1] & ~pad[:, 2:])
+    return starts[:, 0], starts[:, 1], ends[:, 1]
+
+
+def _touching_runs(shape: list[int], row: torch.Tensor, first: torch.Tensor,
+                   last: torch.Tensor, in_plane: bool, full: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs ``(i, j)`` of touching runs, each pair once (``j`` in a later row).
+
+    Runs touch when they lie in neighbouring rows (the next row of the slice, or one of the
+    three rows above and below it in the next slice; faces only: the row straight below or
+    behind) and their column spans overlap, widened by one column for diagonal contact.
+    The runs touching one run in a given row are consecutive in raster order, so two binary
+    searches find them all.
+    """
+    h = shape[1]
+    stride = shape[2] + 2  # row keys never overlap: columns shifted by one, plus a margin
+    gap = 1 if full else 0
+    key_first = row * stride + first + 1
+    key_last = row * stride + last + 1
+    z = torch.div(row, h, rounding_mode="floor")
+    y = row - z * h
     sources: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     dz_max = 0 if in_plane else 1
     for dz in range(dz_max + 1):
         for dy in range(-1, 2):
-            for dx in range(-1, 2):
-                if dz == 0 and (dy < 0 or (dy == 0 and dx <= 0)):
-                    continue  # keep one direction of each pair
-                if not full and abs(dz) + abs(dy) + abs(dx) > 1:
-                    continue
-                j = index[flat + (dz * h + dy) * w + dx]
-                hit = j >= 0
-                sources.append(torch.nonzero(hit).squeeze(1))
-                targets.append(j[hit])
+            if dz == 0 and dy < 1:
+                continue  # the same row is one run; the row before is the other direction
+            if not full and abs(dz) + abs(dy) > 1:
+                continue
+            ok = (z + dz < shape[0]) & (y + dy >= 0) & (y + dy < h)
+            base = (row + dz * h + dy) * stride
+            lo = torch.searchsorted(key_last, base + first + 1 - gap)
+            hi = torch.searchsorted(key_first, base + last + 1 + gap, right=True)
+            count = torch.where(ok, (hi - lo).clamp(min=0), torch.zeros_like(lo))
+            src = torch.repeat_interleave(torch.arange(row.shape[0], device=row.device), count)
+            # Position of each pair within its source's run of targets.
+            offset = torch.arange(src.shape[0], device=row.device) - torch.repeat_interleave(
+                torch.cumsum(count, 0) - count, count)
+            sources.append(src)
+            targets.append(torch.repeat_interleave(lo, count) + offset)
     return torch.cat(sources), torch.cat(targets)
 
 
@@ -73,10 +94,11 @@ def label_components(mask: torch.Tensor, in_plane: bool = False,
                      full: bool = True) -> torch.Tensor:
     """Connected components of a ``D×H×W`` binary volume, by union-find (no scipy).
 
-    Voxel pairs that touch are found through an index volume of the foreground; then rounds
-    of "hook the larger root under the smaller" (a scatter-min) and pointer jumping until
-    every touching pair shares a root. The cost scales with the number
-    of foreground voxels, not the volume.
+    The foreground is cut into runs (horizontal segments); runs that touch are found by
+    binary search; then rounds of "hook the larger root under the smaller" (a scatter-min)
+    and pointer jumping until every touching pair shares a root. The union-find cost scales
+    with the number of runs, not of voxels: a whole-brain blob at a low threshold is a few
+    thousand runs.
 
     Args:
         mask: ``D×H×W`` bool (or 0/1) tensor.
@@ -86,18 +108,38 @@ def label_components(mask: torch.Tensor, in_plane: bool = False,
 
     Returns:
         ``D×H×W`` int64 labels: 0 for background, otherwise a positive id shared by exactly
-        the voxels of one component.
+        the voxels of one component; ids increase with each component's first voxel in
+        raster order.
     """
     v = mask.to(torch.bool)
     labels = torch.zeros(v.shape, dtype=torch.long, device=v.device)
-    coords = torch.nonzero(v)
-    m = coords.shape[0]
+    row, first, last = _runs(v)
+    m = row.shape[0]
     if m == 0:
         return labels
-    src, dst = _touching_pairs(v, coords, in_plane, full)
+    src, dst = _touching_runs(list(v.shape), row, first, last, in_plane, full)
     parent = _union_roots(m, src, dst)
-    labels[coords[:, 0], coords[:, 1], coords[:, 2]] = parent + 1
+    # Each foreground voxel's run: the last run that starts at or before it in raster order.
+    voxels = torch.nonzero(v.reshape(-1)).squeeze(1)
+    run = torch.searchsorted(row * v.shape[2] + first, voxels, right=True) - 1
+    labels.view(-1)[voxels] = parent[run] + 1
     return labels
+
+
+def _kept_components(sizes: torch.Tensor, largest: bool, min_voxels: int) -> torch.Tensor:
+    """Which label ids to keep, given each id's voxel count (``sizes[0]``: background): the
+    largest component (ties: the largest id), those of at least ``min_voxels``, or all."""
+    keep = sizes > 0
+    keep[0] = False
+    if largest:
+        if not bool(keep.any()):
+            return keep
+        last = int(torch.nonzero(keep & (sizes == sizes[1:].max())).max())
+        keep = torch.zeros_like(keep)
+        keep[last] = True
+    elif min_voxels > 0:
+        keep = keep & (sizes >= min_voxels)
+    return keep
 
 
 def select_components(labels: torch.Tensor, largest: bool, min_voxels: int) -> torch.Tensor:
@@ -105,15 +147,8 @@ def select_components(labels: torch.Tensor, largest: bool, min_voxels: int) -> t
     largest label), or those of at least ``min_voxels`` voxels, or all."""
     if not largest and min_voxels <= 0:
         return labels > 0
-    fg = labels[labels > 0]
-    if fg.numel() == 0:
-        return labels > 0
-    ids, sizes = torch.unique(fg, return_counts=True)
-    if largest:
-        return labels == ids[sizes == sizes.max()].max()
-    keep = torch.zeros(int(labels.max()) + 1, dtype=torch.bool, device=labels.device)
-    keep[ids[sizes >= min_voxels]] = True
-    return keep[labels]
+    sizes = torch.bincount(labels.reshape(-1))
+    return _kept_components(sizes, largest, min_voxels)[labels]
 
 
 def keep_components(mask: torch.Tensor, largest: bool, min_voxels: int) -> torch.Tensor:
@@ -242,7 +277,8 @@ def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
                      settings: list[PostProcessing]) -> np.ndarray:
     """Per-patient 3D Dice of every setting: ``len(settings) × len(patients)``.
 
-    Each thresholded volume is labelled once and shared by the component choices on it.
+    Each thresholded volume is labelled once and shared by the component choices on it;
+    only hole filling needs the masks themselves.
 
     Args:
         patients: ``(p_identity, p_flipped, truth)`` per patient, each ``D×H×W``.
@@ -251,16 +287,30 @@ def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
     out = np.zeros((len(settings), len(patients)))
     for j, (p_id, p_flip, truth) in enumerate(patients):
         truth = truth.to(torch.bool)
-        labelled: dict[tuple[bool, float], torch.Tensor] = {}
+        n_truth = int(truth.sum())
+        # Per thresholded volume: its labels, each label's voxel count and overlap with the
+        # truth. A setting without hole filling is then scored from these counts alone.
+        tables: dict[tuple[bool, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        filled: dict[tuple, float] = {}
         for i, s in enumerate(settings):
             key = (s.tta, s.threshold)
-            if key not in labelled:
-                labelled[key] = label_components(s.probabilities(p_id, p_flip) > s.threshold)
-            mask = select_components(labelled[key], s.components == "largest",
-                                     s.min_voxels if s.components == "min_size" else 0)
+            if key not in tables:
+                labels = label_components(s.probabilities(p_id, p_flip) > s.threshold)
+                sizes = torch.bincount(labels.reshape(-1))
+                overlap = torch.bincount(labels[truth], minlength=sizes.numel())
+                tables[key] = (labels, sizes, overlap)
+            labels, sizes, overlap = tables[key]
+            keep = _kept_components(sizes, s.components == "largest",
+                                    s.min_voxels if s.components == "min_size" else 0)
             if s.fill_holes:
-                mask = fill_holes_2d(mask)
-            out[i, j] = patient_dice(mask, truth)
+                # Component choices often keep the same components (one blob): fill once.
+                kept = (key, tuple(torch.nonzero(keep).flatten().tolist()))
+                if kept not in filled:
+                    filled[kept] = patient_dice(fill_holes_2d(keep[labels]), truth)
+                out[i, j] = filled[kept]
+            else:
+                denom = int(sizes[keep].sum()) + n_truth
+                out[i, j] = 2 * int(overlap[keep].sum()) / denom if denom > 0 else 1.0
     return out
 
 

@@ -13,26 +13,24 @@ import torch
 from brainseg_dist import postprocess as pp
 
 
-def flood_fill_count(volume: np.ndarray, neighbours: list[tuple[int, int, int]]) -> list[int]:
-    """Sizes of the connected components, by breadth-first search (the reference)."""
-    seen = np.zeros_like(volume, dtype=bool)
-    sizes = []
+def flood_fill_labels(volume: np.ndarray, neighbours: list[tuple[int, int, int]]) -> np.ndarray:
+    """Components by breadth-first search (the reference): ids 1, 2, ... in the raster order
+    of each component's first voxel."""
+    labels = np.zeros(volume.shape, dtype=np.int64)
     for start in zip(*np.nonzero(volume), strict=True):
-        if seen[start]:
+        if labels[start]:
             continue
-        seen[start] = True
-        queue, size = [start], 0
+        labels[start] = labels.max() + 1
+        queue = [start]
         while queue:
             z, y, x = queue.pop()
-            size += 1
             for dz, dy, dx in neighbours:
                 n = (z + dz, y + dy, x + dx)
                 if all(0 <= n[i] < volume.shape[i] for i in range(3)) and volume[n] \
-                        and not seen[n]:
-                    seen[n] = True
+                        and not labels[n]:
+                    labels[n] = labels[start]
                     queue.append(n)
-        sizes.append(size)
-    return sorted(sizes)
+    return labels
 
 
 def offsets(in_plane: bool, full: bool) -> list[tuple[int, int, int]]:
@@ -48,13 +46,21 @@ def offsets(in_plane: bool, full: bool) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize(("in_plane", "full"), [(False, True), (True, True), (True, False),
                                                 (False, False)])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_label_components_matches_flood_fill(in_plane, full, seed):
-    volume = np.random.default_rng(seed).random((5, 12, 13)) < 0.35
+@pytest.mark.parametrize(("seed", "density"), [(0, 0.35), (1, 0.35), (2, 0.6), (3, 0.9)])
+def test_label_components_matches_flood_fill(in_plane, full, seed, density):
+    """The same components, with ids in the same order (the largest-component tie-break
+    depends on it), from sparse noise to one blob of long runs."""
+    volume = np.random.default_rng(seed).random((5, 12, 13)) < density
     labels = pp.label_components(torch.from_numpy(volume), in_plane=in_plane, full=full)
-    assert ((labels > 0).numpy() == volume).all()
-    _, sizes = torch.unique(labels[labels > 0], return_counts=True)
-    assert sorted(sizes.tolist()) == flood_fill_count(volume, offsets(in_plane, full))
+    ranks = torch.unique(labels, return_inverse=True)[1].numpy()  # ids 0, 1, 2, ...
+    assert (ranks == flood_fill_labels(volume, offsets(in_plane, full))).all()
+
+
+def test_label_components_of_a_full_volume_and_of_single_rows():
+    for shape in ((3, 1, 9), (4, 9, 1), (1, 1, 1), (2, 5, 6)):
+        labels = pp.label_components(torch.ones(shape, dtype=torch.bool))
+        assert (labels == 1).all(), shape
+    assert not pp.label_components(torch.zeros(2, 3, 4, dtype=torch.bool)).any()
 
 
 def test_fill_holes_fills_enclosed_not_open_regions():
@@ -87,6 +93,17 @@ def test_keep_components_largest_and_min_size():
     assert int(pp.keep_components(mask, largest=False, min_voxels=5).sum()) == 18
     assert int(pp.keep_components(mask, largest=False, min_voxels=4).sum()) == 22
     assert torch.equal(pp.keep_components(mask, largest=False, min_voxels=0), mask)
+    # A tie keeps the component that starts last in raster order, the same in evaluate,
+    # predict and the exported ensemble.
+    mask[3, 0:3, 0:3] = True
+    mask[3, 0, 0] = False  # 8 voxels, not touching the 18-voxel block (one slice apart)
+    mask[0, 7:9, 7:9] = True
+    mask[1, 7:9, 7:9] = True  # the 4-voxel block grows to 12, then 18 with the next line
+    mask[2, 7:9, 6:9] = True
+    tied = pp.keep_components(mask, largest=True, min_voxels=0)
+    assert int(tied.sum()) == 18
+    assert bool(tied[3, 8, 8])
+    assert not bool(tied[0, 0, 0])
 
 
 def test_candidates_start_with_plain_and_are_distinct():
@@ -106,16 +123,21 @@ def test_choose_prefers_the_best_and_keeps_plain_on_ties():
 
 
 def test_score_candidates_equals_masks_dice():
+    """Every setting's score (from component counts, or from the filled masks) equals the
+    Dice of the masks it makes, also for an empty truth and an empty prediction."""
     g = torch.Generator().manual_seed(0)
     p_id = torch.rand(6, 24, 24, generator=g) ** 3
     p_flip = torch.rand(6, 24, 24, generator=g) ** 3
     truth = torch.zeros(6, 24, 24, dtype=torch.bool)
     truth[1:4, 5:15, 5:15] = True
+    patients = [(p_id, p_flip, truth), (p_id, p_flip, torch.zeros_like(truth)),
+                (p_id * 0.1, p_flip * 0.1, truth)]
     settings = pp.candidates()
-    scores = pp.score_candidates([(p_id, p_flip, truth)], settings)
-    for i in (0, 7, 13, 30, len(settings) - 1):
-        expected = pp.patient_dice(settings[i].masks(p_id, p_flip), truth)
-        assert scores[i, 0] == pytest.approx(expected)
+    scores = pp.score_candidates(patients, settings)
+    for i, setting in enumerate(settings):
+        for j, (a, b, t) in enumerate(patients):
+            assert scores[i, j] == pytest.approx(pp.patient_dice(setting.masks(a, b), t)), \
+                (setting, j)
 
 
 def test_apply_masks_compiles_to_torchscript_with_same_output():
