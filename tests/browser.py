@@ -47,7 +47,10 @@ class Browser:
              "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
              "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
              f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            # Chromium makes its own scratch folders in TMPDIR and leaves them behind when
+            # stopped: inside the profile they go with it.
+            env={**os.environ, "TMPDIR": self.profile})
         port = self._port()
         deadline = time.monotonic() + 30
         while True:
