@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainseg_dist.train.setup import resolve_mixed_precision
+from brainseg_dist.train.setup import cpu_has_bf16_matrix_units, resolve_mixed_precision
 
 SCHEMA_VERSION = 1
 DEPTH = 4
@@ -56,6 +56,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_usable": usable,
+        "cpu_amx": cpu_has_bf16_matrix_units(),  # decides the CPU's mixed_precision: auto
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),

@@ -18,7 +18,8 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
     t.add_column("")
     t.add_row("device", f"{hw['device']} ({hw['device_name']})")
     t.add_row("CPU", f"{hw['cpu_model']}, {hw['cpu_cores_usable']} usable cores, "
-                     f"torch threads {hw['torch_threads']}")
+                     f"torch threads {hw['torch_threads']}, "
+                     f"AMX {'yes' if hw.get('cpu_amx') else 'no'}")
     t.add_row("versions", f"torch {hw['torch']}, kornia {hw['kornia']}, accelerate "
                           f"{hw['accelerate']}, python {hw['python']}")
     s = res["settings"]

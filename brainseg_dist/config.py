@@ -116,7 +116,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 32  # per process: the global batch is batch_size × processes × accumulation
     grad_accumulation: int = 1
-    mixed_precision: MixedPrecision = "auto"  # "auto": accelerate config, off on CPU
+    mixed_precision: MixedPrecision = "auto"  # accelerate config, else bf16 on CUDA / AMX CPUs
     normalization: Normalization = "slice"
     threshold: float = 0.5
     seed: int = 0
@@ -198,6 +198,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if isinstance(value, bool) and str(value).lower() in typing.get_args(annotation):
         return str(value).lower()  # YAML's true/false for a choice such as data.on_device
+    if value is False and "no" in typing.get_args(annotation):
+        return "no"  # YAML reads an unquoted no (or off) as false: train.mixed_precision=no
     if annotation is str or typing.get_origin(annotation) is Literal:  # choices: validate()
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)

@@ -14,6 +14,8 @@ import sys
 import pytest
 from helpers import REPO
 
+from brainseg_dist.train.setup import resolve_mixed_precision
+
 SCRIPT = REPO / "benchmarks" / "throughput.py"
 PIPELINE_KEYS = ("images_per_s", "median_step_s", "mean_images_per_s", "best_images_per_s",
                  "speedup_vs_baseline")
@@ -40,6 +42,7 @@ def test_tiny_run_writes_every_ratio(tmp_path):
     assert res["schema"] == 1
     assert res["settings"]["mode"] == "tiny"
     hw = res["hardware"]
+    assert hw["cpu_amx"] == (resolve_mixed_precision("auto", "cpu") == "bf16")
     for key in ("device_name", "cpu_model", "cpu_cores_usable", "torch_threads", "torch",
                 "kornia", "accelerate"):
         assert hw[key], key
@@ -56,7 +59,9 @@ def test_tiny_run_writes_every_ratio(tmp_path):
     assert train["baseline"]["channels_last"] is False
     assert train["baseline"]["mixed_precision"] == "no"
     assert train["project"]["channels_last"] is True
-    assert train["project"]["mixed_precision"] == "no"  # the project default on CPU
+    # The project default on this CPU: bf16 with AMX, else off; the ablation toggles it.
+    cpu_amp = resolve_mixed_precision("auto", "cpu")
+    assert train["project"]["mixed_precision"] == cpu_amp
     for name in ("baseline", "project"):
         for key in PIPELINE_KEYS:
             assert _positive(train[name][key]), (name, key)
@@ -66,7 +71,8 @@ def test_tiny_run_writes_every_ratio(tmp_path):
                     "project_choice_gain", "speedup_vs_baseline_best"):
             assert _positive(r[key]), (name, key)
         assert r["ratio_vs_project"] * r["project_choice_gain"] == pytest.approx(1.0)
-    assert train["ablations"]["amp_toggled"]["mixed_precision"] == "bf16"
+    assert train["ablations"]["amp_toggled"]["mixed_precision"] == {"no": "bf16",
+                                                                     "bf16": "no"}[cpu_amp]
     assert train["ablations"]["no_channels_last"]["channels_last"] is False
     assert train["project"]["loader"] == "uint8 in-memory DataLoader, 0 workers"  # CPU default
     assert train["ablations"]["data_toggled"]["loader"] == "uint8 held on the device"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
+from brainseg_dist.cli import parse_set_options
 from brainseg_dist.config import Config, dump_config, load_config, replace
 from brainseg_dist.errors import ConfigError
 
@@ -87,6 +88,15 @@ def test_on_device_takes_yaml_booleans(tmp_path):
     assert load_config(path).data.on_device == "true"
     assert load_config(None, {"data.on_device": False}).data.on_device == "false"
     assert Config().data.on_device == "auto"
+
+
+def test_mixed_precision_takes_an_unquoted_no(tmp_path):
+    """YAML reads `no` as false: `--set train.mixed_precision=no` must still mean fp32."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    overrides = parse_set_options(("train.mixed_precision=no",))
+    assert load_config(None, overrides).train.mixed_precision == "no"
 
 
 def test_speed_settings_keep_the_hash_of_older_runs():

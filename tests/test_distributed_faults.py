@@ -35,7 +35,10 @@ def free_port() -> int:
 def train_args(root: Path, out: Path, epochs: int) -> list[str]:
     return ["--data-dir", str(root), "--output-dir", str(out), "--image-size", "32",
             "--base-width", "4", "--batch-size", "8", "--epochs", str(epochs),
-            "--set", "train.num_overlays=0", "--set", "train.export=false"]
+            "--set", "train.num_overlays=0", "--set", "train.export=false",
+            # fp32 on every launcher: "auto" is bf16 on a CPU with AMX under torchrun but
+            # follows the accelerate config (off) under accelerate launch.
+            "--set", "train.mixed_precision=no"]
 
 
 def child_env() -> dict[str, str]:
