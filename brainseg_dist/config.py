@@ -196,10 +196,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if isinstance(value, bool) and str(value).lower() in typing.get_args(annotation):
-        return str(value).lower()  # YAML's true/false for a choice such as data.on_device
-    if value is False and "no" in typing.get_args(annotation):
-        return "no"  # YAML reads an unquoted no (or off) as false: train.mixed_precision=no
+    if isinstance(value, bool):  # YAML's true/false (also an unquoted yes/no/on/off)
+        words = ("true",) if value else ("false", "no")  # on_device: false; precision: no
+        if (word := next((w for w in words if w in typing.get_args(annotation)), None)):
+            return word
     if annotation is str or typing.get_origin(annotation) is Literal:  # choices: validate()
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from brainseg_dist import checkpoint
 from brainseg_dist.config import load_config
@@ -183,8 +184,7 @@ def test_runs_in_one_process_may_change_precision(synth_root, tmp_path):
         cfg = tiny_config(synth_root, tmp_path / amp, **{"train.epochs": 1,
                                                          "train.mixed_precision": amp})
         run_training(cfg)
-        config = (tmp_path / amp / "config.yaml").read_text()
-        assert f"mixed_precision: {amp}" in config.replace("'", "")
+        assert AcceleratorState().mixed_precision == amp  # what the run actually used
 
 
 @pytest.mark.parametrize(("amx", "expected"), [(True, "bf16"), (False, "no")])
