@@ -6,6 +6,7 @@
 #   mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/   # beforehand: .whl/ is ignored
 #   bash benchmarks/gpu_check.sh           # results in $OUT, else runs/gpu_check
 #   bash benchmarks/gpu_check.sh --cpu
+#   bash benchmarks/gpu_check.sh --overwrite   # replace an earlier run's results
 #
 # Steps, each under its own time limit (exit status and seconds go to gpu_check.json):
 #   kornia      installed from .whl/ (pip --no-index --no-deps, into a scratch directory) when
@@ -20,15 +21,37 @@
 #   train       3 epochs of configs/lgg_unet128.yaml on a synthetic set: images/s, peak memory
 #   summary     gpu_check.json: the issue's targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
-# train.json (scratch data, runs and caches stay in a temporary directory).
+# train.json (scratch data, runs and caches stay in a temporary directory). They are written
+# into OUT/partial/ and moved up when the run ends, so a killed run leaves its partial results
+# there and never mixes them with an earlier run's; earlier results need --overwrite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 MODE=gpu
-if [[ "${1:-}" == "--cpu" || "${GPU_CHECK_CPU:-0}" == 1 ]]; then MODE=cpu; fi
-OUT_DIR=${OUT:-runs/gpu_check}
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
+[[ "${GPU_CHECK_CPU:-0}" == 1 ]] && MODE=cpu
+OVERWRITE=0
+for arg in "$@"; do
+    case $arg in
+        --cpu) MODE=cpu ;;
+        --overwrite) OVERWRITE=1 ;;
+        *) echo "gpu_check: unknown argument '$arg' (expected --cpu or --overwrite)" >&2; exit 2 ;;
+    esac
+done
+RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json)
+FINAL_DIR=${OUT:-runs/gpu_check}
+mkdir -p "$FINAL_DIR" || exit 2
+FINAL_DIR=$(cd "$FINAL_DIR" && pwd)
+if [[ $OVERWRITE == 0 ]]; then
+    for f in "${RESULTS[@]}" partial; do
+        if [[ -e $FINAL_DIR/$f ]]; then
+            echo "gpu_check: $FINAL_DIR/$f is left by an earlier run: pass --overwrite to" \
+                "replace it, or set OUT to another directory" >&2
+            exit 2
+        fi
+    done
+fi
+OUT_DIR=$FINAL_DIR/partial
+rm -rf "$OUT_DIR" && mkdir -p "$OUT_DIR" || exit 2
 LOG=$OUT_DIR/gpu_check.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -80,7 +103,7 @@ install_kornia() {
 
 FAILED=0
 log "mode $MODE, python $("$PY" -c 'import sys; print(sys.version.split()[0])'), torch" \
-    "$("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)'), output $OUT_DIR"
+    "$("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)'), output $FINAL_DIR"
 command -v nvidia-smi >/dev/null && nvidia-smi >>"$LOG" 2>&1
 export PY WORK
 step kornia 60 bash -c "$(declare -f install_kornia); install_kornia" || FAILED=1
@@ -113,6 +136,16 @@ else
 fi
 "$PY" benchmarks/gpu_checks.py summary --out "$OUT_DIR" --steps "$STEPS" >>"$LOG" 2>&1 ||
     FAILED=1
-log "done: $OUT_DIR/gpu_check.json ($([[ $FAILED == 0 ]] && echo 'every step ran' ||
+log "done: $FINAL_DIR/gpu_check.json ($([[ $FAILED == 0 ]] && echo 'every step ran' ||
     echo 'some step FAILED: see the log'))"
+# Publish: every result of this run replaces its namesake; an earlier run's file that this run
+# did not write goes, so the directory never mixes two runs.
+for f in "${RESULTS[@]}"; do
+    if [[ -e $OUT_DIR/$f ]]; then
+        mv -f "$OUT_DIR/$f" "$FINAL_DIR/$f"
+    else
+        rm -f "$FINAL_DIR/$f"
+    fi
+done
+rmdir "$OUT_DIR"
 exit $FAILED

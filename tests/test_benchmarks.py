@@ -183,10 +183,13 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     import os
 
     out = tmp_path / "out"
+    (out / "partial").mkdir(parents=True)  # an earlier run's leftovers, replaced on --overwrite
+    (out / "partial" / "train.json").write_text("{}")
+    (out / "throughput.json").write_text("{}")
     proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu"], cwd=tmp_path,
-        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, capture_output=True,
-        text=True, timeout=600, check=False)
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--overwrite"],
+        cwd=tmp_path, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=600, check=False)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, proc.stderr[-2000:] + log[-4000:]
     assert sorted(p.name for p in out.iterdir()) == [  # all that comes back from a GPU run
@@ -203,3 +206,20 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     train = summary["train"]
     assert _positive(train["train_images_per_second"][0])
     assert _positive(train["peak_rss_gb"])
+    assert json.loads((out / "throughput.json").read_text())["train"]
+
+    # A second run refuses to touch the first one's results, or a killed run's partial/,
+    # unless --overwrite says so.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    killed = tmp_path / "killed"
+    (killed / "partial").mkdir(parents=True)
+    for out_dir, present in ((out, "gpu_check.json"), (killed, "partial")):
+        proc = subprocess.run(
+            ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu"], cwd=tmp_path,
+            env={**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable},
+            capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 2, proc.stdout[-2000:]
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{out_dir / present} is left by an earlier run: pass --overwrite" in proc.stderr
+    assert [p.name for p in killed.iterdir()] == ["partial"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
