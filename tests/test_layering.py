@@ -38,7 +38,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("train", "cv_eval"),
     ("cv",),
     ("cli",),
-    ("train.__main__", "cv.__main__"),  # accelerate launch -m brainseg_dist.train / .cv
+    # accelerate launch -m brainseg_dist.train / .cv; python -m brainseg_dist.cli
+    ("train.__main__", "cv.__main__", "cli.__main__"),
 ]
 
 
