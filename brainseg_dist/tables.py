@@ -108,3 +108,45 @@ def print_cv_summary(s: dict[str, Any], out: Path) -> None:
                   f"{fmt(s['dice_patient_mean'])}, median {fmt(s['dice_patient_median'])}, "
                   f"95% CI [{fmt(s['dice_patient_ci95'][0])}, {fmt(s['dice_patient_ci95'][1])}]"
                   f"; outputs in {out}", highlight=False)
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:+.3f}"
+
+
+def paired_cell(d: dict[str, Any]) -> str:
+    """``+0.025 [+0.003, +0.049], 15↑ 5↓`` of a :func:`brainseg_dist.compare.paired_difference`."""
+    lo, hi = d["ci95"]
+    return (f"{_signed(d['mean'])} [{_signed(lo)}, {_signed(hi)}], {d['better']}↑ "
+            f"{d['worse']}↓" + (f" {d['unchanged']}=" if d["unchanged"] else ""))
+
+
+def print_comparison(c: dict[str, Any]) -> None:
+    """``brainseg compare``: each run's own figures, then each paired difference."""
+    variants = list(next(iter(c["runs"].values())))
+    t = Table(title=f"Per-patient Dice of {len(c['runs'])} CV runs on the same "
+                    f"{c['patients']} patients (mean, median, 95% CI of the mean)")
+    t.add_column("run")
+    for v in variants:
+        t.add_column(v, justify="right")
+    for run, by_variant in c["runs"].items():
+        t.add_row(run, *(f"{fmt(m['dice_patient_mean'])}, {fmt(m['dice_patient_median'])}, "
+                         + ("[{}, {}]".format(*map(fmt, m["dice_patient_ci95"]))
+                            if m.get("dice_patient_ci95") else "–")
+                         for m in (by_variant.get(v, {}) for v in variants)))
+    console.print(t)
+    for comp in c["comparisons"]:
+        d = Table(title=f"{comp['run']} − {c['reference']}, patient by patient "
+                        f"({'same' if comp['same_folds'] else 'DIFFERENT'} folds)")
+        d.add_column("variant")
+        d.add_column("mean difference [95% CI], better/worse", justify="right")
+        d.add_column("largest gain / loss")
+        for v, p in comp["paired"].items():
+            (gp, gd), (lp, ld) = p["largest_gain"], p["largest_loss"]
+            d.add_row(v, paired_cell(p), f"{gp} {_signed(gd)} / {lp} {_signed(ld)}")
+        console.print(d)
+        changes = comp["config_changes"]
+        console.print("recipe changes: " + ("; ".join(f"{k} {a} → {b}" for k, (a, b)
+                                                     in changes.items()) or "none"),
+                      highlight=False, soft_wrap=True)
+    console.print(f"note: {c['note']}", highlight=False, soft_wrap=True)

@@ -130,6 +130,36 @@ def dice_per_patient(dice: dict[str, float], path: str | Path, title: str = "") 
     return save_figure(fig, path)
 
 
+def paired_dice(reference: dict[str, float], others: dict[str, dict[str, float]],
+                reference_name: str, path: str | Path, titles: dict[str, str] | None = None
+                ) -> Path:
+    """One panel per compared run: each patient's Dice under the reference (x) against the
+    compared run (y); points above the diagonal got better.
+
+    Args:
+        reference: ``{patient: Dice}`` of the reference run.
+        others: ``{run name: {patient: Dice}}``, the same patients.
+        reference_name: the x axis label.
+        path: PNG destination.
+        titles: optional panel title per run name.
+    """
+    fig, axes = plt.subplots(1, len(others), figsize=(4.2 * len(others), 4.2), squeeze=False)
+    for ax, (name, dice) in zip(axes[0], others.items(), strict=True):
+        patients = sorted(dice)
+        x = np.array([reference[p] for p in patients], dtype=float)
+        y = np.array([dice[p] for p in patients], dtype=float)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, zorder=0)
+        ax.scatter(x, y, c=np.where(y >= x, "#2e7d32", "#c62828"), s=22, edgecolor="k",
+                   linewidth=0.4)
+        low = min(0.5, float(np.nanmin(np.r_[x, y]))) if len(x) else 0.0
+        ax.set_xlim(low - 0.02, 1.01)
+        ax.set_ylim(low - 0.02, 1.01)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"{Path(reference_name).name} (per-patient Dice)", fontsize=8)
+        ax.set_ylabel(f"{Path(name).name} (per-patient Dice)", fontsize=8)
+        ax.set_title((titles or {}).get(name, name), fontsize=8)
+    return save_figure(fig, path)
+
 def patient_overlays(images: list[np.ndarray], masks: list[np.ndarray],
                      preds: list[np.ndarray], titles: list[str], path: str | Path,
                      suptitle: str = "") -> Path:

@@ -91,6 +91,23 @@ def test_cv_summary_table_and_fold_configs(cv_run, capsys):
     assert cfg.train.export is False
 
 
+@pytest.mark.slow
+def test_compare_reads_a_real_cv_output(cv_run):
+    """``brainseg compare`` on what ``brainseg cv`` wrote (test_compare.py checks the numbers on
+    hand-made directories): the same run twice differs by nothing, key by key."""
+    from brainseg_dist.compare import compare_runs
+
+    out, _ = cv_run
+    c = compare_runs([out, out])
+    comp = c["comparisons"][0]
+    assert c["patients"] == 8
+    assert c["headline"] == "post-processed"
+    assert set(comp["paired"]) == {"plain", "post-processed"}
+    assert comp["same_folds"]
+    assert comp["config_changes"] == {}
+    assert all(p["mean"] == 0.0 and p["unchanged"] == 8 for p in comp["paired"].values())
+
+
 def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_root,
                                                                tmp_path):
     out, _ = cv_run

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ensemble", "onnx_export"),
     ("deployed",),
     ("nifti_predict",),
-    ("evaluate", "export", "predict"),
+    ("evaluate", "export", "predict", "compare"),
     ("train", "cv_eval"),
     ("cv",),
     ("cli",),

@@ -124,3 +124,45 @@ def predict_command(model: Path, paths: tuple[Path, ...], pre: Path | None, flai
                   f"{r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s); tumour pixels "
                   f"{total}; wrote masks, {'' if no_overlays else 'overlays, '}"
                   f"tumour_area.csv and tumour_volume.csv to {r.out}", highlight=False)
+
+
+@main.command("compare")
+@click.argument("cv_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write the comparison (per-patient Dice included) here.")
+@click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG: each patient's Dice under the first run against each other run.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap seed.")
+@reports_errors
+def compare_command(cv_dirs: tuple[Path, ...], json_out: Path | None, figure: Path | None,
+                    seed: int) -> None:
+    """Compare `brainseg cv` runs on the same patients, patient by patient.
+
+    The first CV_DIR is the reference. For each other run: the mean per-patient Dice
+    difference with a bootstrap CI over patients, how many patients got better or worse,
+    and which config keys differ. The comparison is paired, so it is much tighter than the
+    two runs' own confidence intervals."""
+    from brainseg_dist.compare import compare_runs
+    from brainseg_dist.io import atomic_write_json, check_writable
+    from brainseg_dist.tables import paired_cell, print_comparison
+
+    for path, what in ((json_out, "--json file"), (figure, "--figure file")):
+        if path is not None:
+            check_writable(path.parent, f"folder of the {what}")
+    result = compare_runs(list(cv_dirs), seed=seed)
+    print_comparison(result)
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+        console.print(f"wrote {json_out}", highlight=False)
+    if figure is not None:
+        from brainseg_dist.viz import paired_dice
+
+        variant = result["headline"] or next(iter(result["comparisons"][0]["paired"]))
+        per_patient = result["per_patient"]
+        paired_dice(per_patient[result["reference"]][variant],
+                    {c["run"]: per_patient[c["run"]][variant] for c in result["comparisons"]},
+                    result["reference"], figure,
+                    {c["run"]: f"{variant}: {paired_cell(c['paired'][variant])}"
+                     for c in result["comparisons"]})
+        console.print(f"wrote {figure}", highlight=False)

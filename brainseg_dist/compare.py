@@ -1,0 +1,169 @@
+"""Paired comparison of cross-validation runs on the same patients (``brainseg compare``).
+
+Two recipes cross-validated on the same patients differ by less than either run's own
+confidence interval suggests, because most of the spread is between patients, not between
+recipes. The paired difference per patient removes that spread: its mean, a bootstrap CI
+over patients, and how many patients got better or worse. The config keys that differ
+between the runs say what changed.
+
+Choosing a recipe by such a comparison is model selection on the compared patients: the
+winner's cross-validated figure is then optimistic, and an unbiased number needs patients
+outside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from brainseg_dist import rundir
+from brainseg_dist.errors import BrainsegError
+from brainseg_dist.io import read_json
+from brainseg_dist.metrics import bootstrap_ci
+
+# Within this much Dice a patient counts as unchanged (the 3rd decimal the tables print).
+TIE = 5e-4
+# Keys that say where a run lived, not what it did.
+LOCATION_KEYS = ("train.output_dir", "data.cache_dir")
+SELECTION_NOTE = ("choosing a recipe by this comparison selects on these patients: the "
+                  "winner's CV figure is then optimistic; confirm it on patients outside them")
+
+
+@dataclass
+class CvRun:
+    """A finished ``brainseg cv`` directory, as far as a comparison needs it."""
+
+    path: Path
+    summary: dict[str, Any]
+    dice: pd.DataFrame  # one row per patient (index), one ``dice_<variant>`` column per variant
+    test_folds: list[frozenset[str]]
+    config: dict[str, Any]  # fold 0's config.yaml, flattened to ``section.key``
+
+    @property
+    def variants(self) -> list[str]:
+        return [c.removeprefix("dice_") for c in self.dice.columns if c.startswith("dice_")]
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config.items()
+            if isinstance(values, dict) for key, value in values.items()}
+
+
+def load_cv_run(path: str | Path) -> CvRun:
+    """Read a CV directory's summary, per-patient Dice, folds and recipe.
+
+    Raises:
+        BrainsegError: a file is missing or unreadable; the file is named.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BrainsegError(f"{path}: not a directory (expected a `brainseg cv` output)")
+    summary = read_json(path / rundir.CV_SUMMARY, "summary of a finished `brainseg cv` run")
+    plan = read_json(path / rundir.CV_PLAN, "CV plan")
+    table_path = path / rundir.CV_PER_PATIENT
+    try:
+        dice = pd.read_csv(table_path).set_index("patient")
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise BrainsegError(f"{table_path}: unreadable per-patient table ({exc})") from None
+    if dice.index.has_duplicates or not any(c.startswith("dice_") for c in dice.columns):
+        raise BrainsegError(f"{table_path}: expected one row per patient and dice_* columns")
+    config_path = rundir.fold_dir(path, 0) / rundir.CONFIG
+    try:
+        config = _flatten(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError) as exc:
+        raise BrainsegError(f"{config_path}: unreadable ({exc})") from None
+    return CvRun(path, summary, dice[[c for c in dice.columns if c.startswith("dice_")]],
+                 [frozenset(s["test"]) for s in plan.get("splits", [])], config)
+
+
+def config_changes(reference: CvRun, other: CvRun) -> dict[str, list[Any]]:
+    """``{key: [reference value, other value]}`` for every recipe key that differs (a key
+    one run lacks shows as ``None``)."""
+    keys = sorted((set(reference.config) | set(other.config)) - set(LOCATION_KEYS))
+    return {k: [reference.config.get(k), other.config.get(k)] for k in keys
+            if reference.config.get(k) != other.config.get(k)}
+
+
+def paired_difference(reference: pd.Series, other: pd.Series, seed: int = 0
+                      ) -> dict[str, Any]:
+    """Per-patient ``other - reference``: mean, median, bootstrap CI of the mean, and the
+    patients that changed most.
+
+    Args:
+        reference: per-patient Dice of the reference run.
+        other: per-patient Dice of the compared run, same patients.
+        seed: bootstrap seed.
+
+    Returns:
+        ``mean``, ``median``, ``ci95``, ``better``, ``worse``, ``unchanged`` (within
+        :data:`TIE`), ``largest_gain`` and ``largest_loss`` (``[patient, difference]``).
+    """
+    d = (other - reference.loc[other.index]).astype(np.float64)
+    order = d.sort_values()
+    return {
+        "mean": float(d.mean()), "median": float(d.median()),
+        "ci95": bootstrap_ci(d.to_numpy(), seed=seed),
+        "better": int((d > TIE).sum()), "worse": int((d < -TIE).sum()),
+        "unchanged": int((d.abs() <= TIE).sum()),
+        "largest_gain": [str(order.index[-1]), float(order.iloc[-1])],
+        "largest_loss": [str(order.index[0]), float(order.iloc[0])],
+    }
+
+
+def _check_same_patients(reference: CvRun, other: CvRun) -> None:
+    ref, oth = set(reference.dice.index), set(other.dice.index)
+    if ref != oth:
+        only = sorted(ref - oth)[:3] or sorted(oth - ref)[:3]
+        where = reference.path if ref - oth else other.path
+        raise BrainsegError(
+            f"{other.path}: tested other patients than {reference.path} "
+            f"({len(ref ^ oth)} differ, e.g. {', '.join(only)} only in {where}); a paired "
+            "comparison needs the same patients")
+
+
+def compare_runs(paths: list[str | Path], seed: int = 0) -> dict[str, Any]:
+    """Compare every CV run in ``paths[1:]`` with ``paths[0]``, patient by patient.
+
+    Returns:
+        ``reference``, ``runs`` (each run's own headline mean, median and CI per variant),
+        ``comparisons`` (per compared run: ``same_folds``, ``config_changes`` and the
+        :func:`paired_difference` of each variant both runs have), ``per_patient``
+        (``{run: {variant: {patient: Dice}}}``) and ``note``.
+
+    Raises:
+        BrainsegError: fewer than two runs, or runs that tested different patients.
+    """
+    if len(paths) < 2:
+        raise BrainsegError("compare needs at least two `brainseg cv` directories")
+    runs = [load_cv_run(p) for p in paths]
+    reference = runs[0]
+    comparisons = []
+    for other in runs[1:]:
+        _check_same_patients(reference, other)
+        variants = [v for v in reference.variants if v in other.variants]
+        comparisons.append({
+            "run": str(other.path),
+            "same_folds": set(reference.test_folds) == set(other.test_folds),
+            "config_changes": config_changes(reference, other),
+            "paired": {v: paired_difference(reference.dice[f"dice_{v}"],
+                                            other.dice[f"dice_{v}"], seed) for v in variants},
+        })
+    return {
+        "reference": str(reference.path),
+        "patients": len(reference.dice),
+        "headline": reference.summary.get("headline"),
+        "runs": {str(r.path): {v: {k: r.summary.get("variants", {}).get(v, {}).get(k)
+                                   for k in ("dice_patient_mean", "dice_patient_median",
+                                             "dice_patient_ci95")}
+                               for v in r.variants} for r in runs},
+        "comparisons": comparisons,
+        "per_patient": {str(r.path): {v: r.dice[f"dice_{v}"].astype(float).to_dict()
+                                      for v in r.variants} for r in runs},
+        "note": SELECTION_NOTE,
+    }
+
