@@ -178,7 +178,12 @@ def load_volume(path: Path) -> Any:
     return img
 
 
-def _volume_data(img: Any, path: Path) -> np.ndarray:
+def volume_data(img: Any, path: Path) -> np.ndarray:
+    """The voxels of :func:`load_volume`'s image as float32 (scaling applied).
+
+    Raises:
+        BrainsegError: the voxel data is unreadable or not finite; the file is named.
+    """
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/scl_inter
     except Exception as exc:  # truncated files fail only here
@@ -248,7 +253,7 @@ def read_case(case: NiftiCase) -> CaseVolume:
         if path is None:
             continue
         img = reference if name == "flair" else load_volume(path)
-        channels[name] = percentile_scale(_reorient(_volume_data(img, path), to_training))
+        channels[name] = percentile_scale(_reorient(volume_data(img, path), to_training))
     stack = np.stack([channels.get(c, channels["flair"]) for c in CHANNELS])  # 3×H×W×N
     images = np.ascontiguousarray(stack.transpose(3, 0, 1, 2))  # N×3×H×W
     return CaseVolume(case, reference, images, to_input, to_training)

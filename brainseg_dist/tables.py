@@ -150,3 +150,27 @@ def print_comparison(c: dict[str, Any]) -> None:
                                                      in changes.items()) or "none"),
                       highlight=False, soft_wrap=True)
     console.print(f"note: {c['note']}", highlight=False, soft_wrap=True)
+
+
+def print_scores(table: Any, s: dict[str, Any], worst: int = 5) -> None:
+    """``brainseg score``: the summary over cases, then the worst cases."""
+    units = s["units"]
+    t = Table(title=f"{s['cases']} case(s) ({s['layout']}): predictions against ground truth")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("Dice mean [95% CI]", f"{fmt(s['dice_mean'])} [{fmt(s['dice_ci95'][0])}, "
+                                    f"{fmt(s['dice_ci95'][1])}]")
+    t.add_row("Dice median / SD / min", f"{fmt(s['dice_median'])} / {fmt(s['dice_sd'])} / "
+                                        f"{fmt(s['dice_min'])}")
+    t.add_row("cases below 0.5", str(s["cases_below_0.5"]))
+    t.add_row("|volume difference|, median", fmt(s["volume_abs_difference_median"]))
+    t.add_row(f"HD95 mean / median, {units['hd95']}", f"{fmt(s['hd95_mean'], 1)} / "
+                                                     f"{fmt(s['hd95_median'], 1)}")
+    console.print(t)
+    w = Table(title=f"lowest Dice (volumes in {units['volume']})")
+    for col in ("case", "Dice", "precision", "recall", "truth volume", "predicted volume"):
+        w.add_column(col, justify="left" if col == "case" else "right")
+    for r in table.head(worst).itertuples():
+        w.add_row(r.case, fmt(r.dice), fmt(r.precision), fmt(r.recall),
+                  f"{r.truth_volume:.0f}", f"{r.pred_volume:.0f}")
+    console.print(w)

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ensemble", "onnx_export"),
     ("deployed",),
     ("nifti_predict",),
-    ("evaluate", "export", "predict", "compare"),
+    ("evaluate", "export", "predict", "compare", "score"),
     ("train", "cv_eval"),
     ("cv",),
     ("cli",),

@@ -166,3 +166,44 @@ def compare_command(cv_dirs: tuple[Path, ...], json_out: Path | None, figure: Pa
                     {c["run"]: f"{variant}: {paired_cell(c['paired'][variant])}"
                      for c in result["comparisons"]})
         console.print(f"wrote {figure}", highlight=False)
+
+
+@main.command("score")
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.argument("truth", type=click.Path(path_type=Path))
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the per-case table here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the summary here.")
+@click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG of the per-case Dice.")
+@reports_errors
+def score_command(pred: Path, truth: Path, csv_out: Path | None, json_out: Path | None,
+                  figure: Path | None) -> None:
+    """Score predicted masks in PRED against ground truth in TRUTH, case by case.
+
+    NIfTI: CASE_seg.nii.gz in PRED (what predict writes) against CASE.nii.gz or
+    CASE_seg.nii.gz in TRUTH, on the same voxel grid; 3D Dice, precision, recall, volumes
+    in mm³ and HD95 in mm. kaggle_3m slices: <folder>/<name>_mask.tif in both, a folder
+    per case. Any non-zero voxel is tumour; a truth case without a prediction is an error."""
+    from brainseg_dist.io import atomic_write_json, atomic_write_text, check_writable
+    from brainseg_dist.score import score_folders
+    from brainseg_dist.tables import print_scores
+
+    for path, what in ((csv_out, "--csv"), (json_out, "--json"), (figure, "--figure")):
+        if path is not None:
+            check_writable(path.parent, f"folder of the {what} file")
+    table, summary = score_folders(pred, truth)
+    print_scores(table, summary)
+    if csv_out is not None:
+        atomic_write_text(csv_out, table.to_csv(index=False))
+    if json_out is not None:
+        atomic_write_json(json_out, summary)
+    if figure is not None:
+        from brainseg_dist.viz import dice_per_patient
+
+        dice_per_patient(dict(zip(table["case"], table["dice"], strict=True)), figure,
+                         f"Per-case Dice, {summary['cases']} case(s)")
+    written = [str(p) for p in (csv_out, json_out, figure) if p is not None]
+    if written:
+        console.print(f"wrote {', '.join(written)}", highlight=False)
