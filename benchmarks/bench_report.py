@@ -74,9 +74,13 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
         t.add_column(c, justify="left" if c == "stage" else "right")
     t.add_row("normalization (per-slice z-score)", _f(au["normalize_ms"]),
               _f(au["normalize_ms"] / au["project_step_ms"], "{:.1%}"))
-    t.add_row("DeviceAugment (all of it)", _f(au["augment_ms"]),
+    default, other = ("fused", "sequential") if au["fused_is_default"] else ("sequential",
+                                                                          "fused")
+    t.add_row(f"DeviceAugment, {default} geometry (the default)", _f(au["augment_ms"]),
               _f(au["augment_share_of_step"], "{:.1%}"))
-    for name, ms in au["ops_ms"].items():
+    t.add_row(f"DeviceAugment, {other} geometry (augment.fused toggled)",
+              _f(au["augment_other_ms"]), _f(au["augment_other_share_of_step"], "{:.1%}"))
+    for name, ms in [*au["ops_ms"].items(), ("one-grid geometry", au["fused_geometry_ms"])]:
         t.add_row(f"  {name} alone", _f(ms), _f(ms / au["project_step_ms"], "{:.1%}"))
     t.add_row("project training step", _f(au["project_step_ms"]), "100%")
     out.print(t)

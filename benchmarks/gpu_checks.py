@@ -120,7 +120,8 @@ def check_kornia_on_device(trainer: Trainer) -> dict[str, Any]:
     aug = trainer.augment.train()
     x = torch.rand(8, 4, 64, 64, device=device)
     ops = {}
-    for op in [*aug.geometric, *([aug.gamma] if aug.gamma is not None else [])]:
+    geometric = list(aug.geometric) if isinstance(aug.geometric, torch.nn.Sequential) else []
+    for op in [*geometric, *([aug.gamma] if aug.gamma is not None else [])]:
         out = op(x if op is not aug.gamma else x[:, :3])
         ops[type(op).__name__] = {"rng_device": str(op.device), "output": str(out.device)}
         assert op.device.type == device.type, ops
@@ -255,6 +256,9 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
                                               3),
         "augment_share_of_step": _criterion(sm.get("augment_share_of_step"), 0.15,
                                             at_most=True),
+        # The same with augment.fused toggled (one sampling grid vs the sequential Kornia ops).
+        "augment_share_of_step_other_geometry": _criterion(
+            sm.get("augment_other_share_of_step"), 0.15, at_most=True),
     }
     steps = {}
     if steps_file is not None and steps_file.is_file():

@@ -228,6 +228,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "best_baseline_workers": int(max(tr["baseline_workers"],
                                          key=tr["baseline_workers"].get)),
         "augment_share_of_step": res["augment"]["augment_share_of_step"],
+        "augment_other_share_of_step": res["augment"]["augment_other_share_of_step"],
         "loader_over_train": res["loader"]["loader_over_train"],
         "torchscript_over_eager": inf["torchscript_over_eager"],
         # The same training ratios from each pipeline's fastest step (robust to load spikes).

@@ -7,8 +7,13 @@ parameters; the warped mask is thresholded at one half so it stays binary.
 
 from __future__ import annotations
 
+import math
+
 import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
+from kornia.filters import get_gaussian_kernel1d
+from kornia.geometry import create_meshgrid
 from torch import nn
 
 from brainseg_dist.config import AugmentConfig
@@ -40,6 +45,95 @@ def fill_missing_sequences(images: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
+def elastic_kernel_size(sigma: float) -> int:
+    """The Gaussian's support for the displacement field: ±3 sigma, odd."""
+    return 2 * int(3 * sigma) + 1
+
+
+class FusedGeometry(nn.Module):
+    """Flips, rotation and elastic deformation resampled once, through one sampling grid.
+
+    The sequential Kornia ops (flip, then rotation, then elastic) resample the batch once
+    each; here the elastic displacement field, the inverse rotation and the flips are
+    composed into one grid and the batch is sampled once (the mask is also blurred once, not
+    three times). Each transform is drawn as its Kornia op draws it: a flip with its
+    probability, an angle uniform in ±``rotation_degrees`` applied with ``rotation_p``, and a
+    displacement field of uniform noise smoothed by Kornia's Gaussian (zero border) and
+    scaled by ``elastic_alpha``, applied with ``elastic_p``. Nothing waits on the device.
+
+    Args:
+        cfg: the probabilities and strengths (``augment.*``).
+    """
+
+    def __init__(self, cfg: AugmentConfig):
+        super().__init__()
+        self.cfg = cfg
+        k = elastic_kernel_size(cfg.elastic_sigma)
+        self.register_buffer("kernel", get_gaussian_kernel1d(k, cfg.elastic_sigma)[0],
+                             persistent=False)
+        self._blur: dict[tuple, torch.Tensor] = {}
+
+    def blur_matrix(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``size×size`` banded matrix ``B`` with ``(B @ v)[i] = Σ_j kernel[j - i + r] v[j]``:
+        Kornia's Gaussian as a zero-border convolution (``filter2d_separable`` with
+        ``border_type="constant"``), computed as a matrix product. At sigma 16 the kernel
+        spans 97 of 128 pixels, where one matrix multiply beats a convolution."""
+        key = (size, str(device), dtype)
+        if key not in self._blur:
+            r = self.kernel.numel() // 2
+            i = torch.arange(size, device=device)
+            offset = i[None, :] - i[:, None] + r
+            taps = self.kernel.to(device, dtype)[offset.clamp(0, 2 * r)]
+            self._blur[key] = torch.where((offset >= 0) & (offset <= 2 * r), taps,
+                                          torch.zeros((), device=device, dtype=dtype))
+        return self._blur[key]
+
+    def grid(self, draws: torch.Tensor, noise: torch.Tensor | None, h: int, w: int
+             ) -> torch.Tensor:
+        """The ``N×H×W×2`` sampling grid (``align_corners=True`` coordinates) of given draws.
+
+        Args:
+            draws: ``N×5`` uniforms in [0, 1): hflip, vflip, rotate or not, angle, elastic
+                or not (each compared with its probability, as Kornia's ops do).
+            noise: ``N×2×H×W`` uniform noise in [-1, 1) for the displacement field, or None.
+            h: height.
+            w: width.
+        """
+        cfg, n = self.cfg, draws.shape[0]
+        grid = create_meshgrid(h, w, normalized_coordinates=True, device=draws.device)
+        grid = grid.expand(n, h, w, 2)
+        if noise is not None:
+            disp = (self.blur_matrix(h, noise.device, noise.dtype) @ noise
+                    @ self.blur_matrix(w, noise.device, noise.dtype).T)
+            on = (draws[:, 4] < cfg.elastic_p).to(disp.dtype)[:, None, None, None]
+            # RandomElasticTransform samples with align_corners=False, where one normalized
+            # unit is W/2 pixels, not (W-1)/2: the same shift in pixels.
+            # (Python scalars: a tensor made from a list would be a blocking host copy.)
+            dx = disp[:, 0] * (cfg.elastic_alpha * w / max(w - 1, 1))
+            dy = disp[:, 1] * (cfg.elastic_alpha * h / max(h - 1, 1))
+            grid = grid + torch.stack([dx, dy], dim=-1) * on
+        # Sampling runs backwards: displace, undo the rotation, then the flips.
+        angle = torch.where(draws[:, 2] < cfg.rotation_p,
+                            (draws[:, 3] * 2 - 1) * cfg.rotation_degrees,
+                            torch.zeros_like(draws[:, 3])) * (math.pi / 180)
+        cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+        # Pixel offsets from the centre, so a rotation of a non-square image stays a rotation.
+        cx, cy = max((w - 1) / 2, 1e-9), max((h - 1) / 2, 1e-9)
+        px, py = grid[..., 0] * cx, grid[..., 1] * cy
+        qx, qy = cos * px - sin * py, sin * px + cos * py  # inverse rotation, Kornia's sense
+        qx = torch.where((draws[:, 0] < cfg.hflip_p)[:, None, None], -qx, qx)
+        qy = torch.where((draws[:, 1] < cfg.vflip_p)[:, None, None], -qy, qy)
+        return torch.stack([qx / cx, qy / cy], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (n, _, h, w), dev = x.shape, x.device
+        draws = torch.rand(n, 5, device=dev)
+        noise = (torch.rand(n, 2, h, w, device=dev) * 2 - 1 if self.cfg.elastic_p > 0
+                 else None)
+        return F.grid_sample(x, self.grid(draws, noise, h, w).to(x.dtype), mode="bilinear",
+                             padding_mode="zeros", align_corners=True)
+
+
 class DeviceAugment(nn.Module):
     """Random rotation, flips, elastic deformation and optional intensity jitter on a batch.
 
@@ -53,6 +147,18 @@ class DeviceAugment(nn.Module):
     def __init__(self, cfg: AugmentConfig):
         super().__init__()
         self.cfg = cfg
+        self.geometric: nn.Module | None = None
+        if cfg.fused:
+            self.geometric = FusedGeometry(cfg)
+        else:
+            self.geometric = self._kornia_ops(cfg) or None
+        self.gamma = None
+        if cfg.gamma_p > 0 and cfg.gamma_range > 0:
+            r = cfg.gamma_range
+            self.gamma = K.RandomGamma(gamma=(1 / (1 + r), 1 + r), p=cfg.gamma_p)
+
+    @staticmethod
+    def _kornia_ops(cfg: AugmentConfig) -> nn.Sequential:
         ops: list[nn.Module] = []
         if cfg.hflip_p > 0:
             ops.append(K.RandomHorizontalFlip(p=cfg.hflip_p))
@@ -61,15 +167,11 @@ class DeviceAugment(nn.Module):
         if cfg.rotation_p > 0 and cfg.rotation_degrees > 0:
             ops.append(K.RandomRotation(degrees=cfg.rotation_degrees, p=cfg.rotation_p))
         if cfg.elastic_p > 0:
-            k = 2 * int(3 * cfg.elastic_sigma) + 1
+            k = elastic_kernel_size(cfg.elastic_sigma)
             ops.append(K.RandomElasticTransform(
                 kernel_size=(k, k), sigma=(cfg.elastic_sigma, cfg.elastic_sigma),
                 alpha=(cfg.elastic_alpha, cfg.elastic_alpha), p=cfg.elastic_p))
-        self.geometric = nn.Sequential(*ops)
-        self.gamma = None
-        if cfg.gamma_p > 0 and cfg.gamma_range > 0:
-            r = cfg.gamma_range
-            self.gamma = K.RandomGamma(gamma=(1 / (1 + r), 1 + r), p=cfg.gamma_p)
+        return nn.Sequential(*ops)
 
     @torch.no_grad()
     def intensity(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,7 +194,7 @@ class DeviceAugment(nn.Module):
             return images, masks
         c = images.shape[1]
         stacked = torch.cat([images, masks.to(images.dtype)], dim=1)
-        if len(self.geometric):
+        if self.geometric is not None:
             stacked = self.geometric(stacked)
         images, masks = stacked[:, :c], (stacked[:, c:] >= 0.5).to(masks.dtype)
         if self.cfg.intensity_p > 0:

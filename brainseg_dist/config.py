@@ -72,13 +72,13 @@ class AugmentConfig:
     elastic_sigma: float = 16.0
     intensity_p: float = 0.0  # brightness/contrast jitter on the image channels
     intensity_strength: float = 0.1
-    # Per-channel gamma before normalization: the only intensity change a per-slice z-score
-    # does not undo (it removes any brightness/contrast change).
+    # Per-channel gamma before normalization: the one intensity change a z-score keeps.
     gamma_p: float = 0.0
     gamma_range: float = 0.3  # gamma uniform in [1/(1+r), 1+r], one per slice
     # Chance, per slice and separately for pre- and post-contrast, that the channel is replaced
     # by FLAIR: how kaggle_3m (and FLAIR-only input) fills a sequence the scan did not have.
     missing_sequence_p: float = 0.0
+    fused: bool = False  # flips, rotation and elastic as one sampling grid (augment.py)
 
 
 @dataclass
@@ -130,14 +130,13 @@ class TrainConfig:
     num_overlays: int = 4  # validation overlays logged to TensorBoard each epoch
     cpu: bool = False  # force CPU even when a GPU is present
     export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
-    # Steps between reads of the loss and its finiteness: each read is one host sync (and,
-    # under DDP, one collective); the steps in between never wait on the device.
-    log_every: int = 25
+    log_every: int = 25  # steps between loss reads: one host sync each, none in between
     compile: bool = False  # torch.compile the training model (first steps pay the compile)
 
 
 # Keys added after runs were saved, with the value that keeps the behaviour before them.
-_ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch"}
+_ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch",
+               ("augment", "fused"): False}
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import kornia
 import torch
+import torch.nn.functional as F
 
-from brainseg_dist.augment import DeviceAugment
+from brainseg_dist.augment import DeviceAugment, FusedGeometry, elastic_kernel_size
 from brainseg_dist.config import AugmentConfig
 from brainseg_dist.preprocess import normalize, volume_stats_by_patient
 
@@ -121,3 +123,113 @@ def test_missing_sequences_are_filled_with_flair_at_the_asked_rate():
     aug = DeviceAugment(AugmentConfig(missing_sequence_p=1.0))
     assert (aug.intensity(images)[:, 0] == images[:, 1]).all()
     assert aug.eval().intensity(images) is images
+
+
+# ----------------------------------------------------------------- one-grid geometry (fused)
+def _fused(**kw) -> FusedGeometry:
+    return FusedGeometry(AugmentConfig(**kw))
+
+
+def _dot(n=1, size=64):
+    x = torch.zeros(n, 2, size, size)
+    x[:, 0, 12:16, 40:46] = 1.0  # off-centre and not symmetric: shows every transform
+    x[:, 1, 30:34, 4:60] = 0.5
+    return x
+
+
+def _sample(x, grid):
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def test_fused_grid_equals_each_kornia_transform_with_the_same_parameters():
+    x = _dot()
+    h, w = x.shape[-2:]
+    # rotation by +10°: draws = (hflip, vflip, rotate?, angle, elastic?)
+    g = _fused(rotation_p=1.0, hflip_p=0.0).grid(
+        torch.tensor([[0.9, 0.9, 0.0, (10 / 15 + 1) / 2, 0.9]]), None, h, w)
+    ref = kornia.geometry.transform.rotate(x, torch.tensor([10.0]), align_corners=True)
+    torch.testing.assert_close(_sample(x, g), ref, atol=1e-4, rtol=0)
+    # both flips: exact index flips
+    g = _fused(rotation_p=0.0, hflip_p=1.0, vflip_p=1.0).grid(torch.zeros(1, 5), None, h, w)
+    torch.testing.assert_close(_sample(x, g), x.flip(-1).flip(-2), atol=1e-4, rtol=0)
+    # elastic: Kornia's RandomElasticTransform (align_corners=False) with the same noise
+    noise = torch.rand(1, 2, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    g = _fused(rotation_p=0.0, hflip_p=0.0, elastic_p=1.0).grid(torch.zeros(1, 5), noise, h, w)
+    k = elastic_kernel_size(16.0)
+    ref = kornia.geometry.transform.elastic_transform2d(x, noise, (k, k), (16.0, 16.0),
+                                                        (3.0, 3.0), align_corners=False)
+    torch.testing.assert_close(_sample(x, g), ref, atol=1e-4, rtol=0)
+    # non-square and nothing drawn: the identity
+    y = torch.rand(1, 1, 20, 30)
+    torch.testing.assert_close(_sample(y, _fused().grid(torch.ones(1, 5), None, 20, 30)), y,
+                               atol=1e-5, rtol=0)
+
+
+def _dot_positions(aug: DeviceAugment, n: int, seed: int) -> torch.Tensor:
+    """Per sample: the dot's centroid (x, y) and its spread, after ``aug``'s geometry."""
+    torch.manual_seed(seed)
+    x = _dot(n)
+    out = aug.geometric(x)[:, 0].clamp(min=0)
+    mass = out.sum((1, 2)).clamp(min=1e-6)
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    cx, cy = (out * xs).sum((1, 2)) / mass, (out * ys).sum((1, 2)) / mass
+    spread = (out * ((xs - cx[:, None, None]) ** 2 + (ys - cy[:, None, None]) ** 2)).sum(
+        (1, 2)) / mass
+    # Rounded to 0.01 px: an untransformed or flipped dot lands on one value that float
+    # roundoff would otherwise split into two, and KS would count that as a difference.
+    return (torch.stack([cx, cy, spread], dim=1) * 100).round() / 100
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    both = torch.cat([a, b]).sort().values
+    cdf_a = torch.searchsorted(a.sort().values, both, right=True) / len(a)
+    cdf_b = torch.searchsorted(b.sort().values, both, right=True) / len(b)
+    return float((cdf_a - cdf_b).abs().max())
+
+
+STRONG = {"rotation_degrees": 30.0, "rotation_p": 0.7, "hflip_p": 0.5, "vflip_p": 0.3,
+          "elastic_p": 0.5, "elastic_sigma": 8.0, "elastic_alpha": 3.0}
+
+
+def test_fused_geometry_draws_the_kornia_ops_distribution():
+    """Where the dot lands (centroid x, y) and how much it is smeared (spread), over 2,000
+    draws each: the sequential Kornia ops and the one grid agree by a two-sample KS test
+    (α = 0.001), while a changed setting is rejected by the same test."""
+    n = 2000
+    critical = 1.95 * (2 / n) ** 0.5  # KS at α = 0.001, equal sample sizes
+    kornia_ops = _dot_positions(DeviceAugment(AugmentConfig(**STRONG)), n, seed=1)
+    fused = _dot_positions(DeviceAugment(AugmentConfig(**STRONG, fused=True)), n, seed=2)
+    for i, name in enumerate(("centroid x", "centroid y")):
+        assert _ks(kornia_ops[:, i], fused[:, i]) < critical, name
+    # One resampling instead of three smears the dot less, and no more than Kornia's does.
+    assert fused[:, 2].median() <= kornia_ops[:, 2].median()
+    # The test has power: 20° instead of 30°, or no vertical flips, are told apart.
+    for change in ({"rotation_degrees": 20.0}, {"vflip_p": 0.0}):
+        other = _dot_positions(DeviceAugment(AugmentConfig(**{**STRONG, **change}, fused=True)),
+                               n, seed=3)
+        assert max(_ks(kornia_ops[:, i], other[:, i]) for i in range(2)) > critical, change
+
+
+def test_fused_elastic_displacement_has_kornias_distribution():
+    """Elastic alone (p = 1): the dot's shift has the same distribution; alpha 2 instead
+    of 3 is told apart."""
+    n, critical = 2000, 1.95 * (2 / 2000) ** 0.5
+    cfg = {"rotation_p": 0.0, "hflip_p": 0.0, "elastic_p": 1.0, "elastic_sigma": 8.0}
+    kornia_ops = _dot_positions(DeviceAugment(AugmentConfig(**cfg)), n, seed=4)
+    fused = _dot_positions(DeviceAugment(AugmentConfig(**cfg, fused=True)), n, seed=5)
+    weaker = _dot_positions(DeviceAugment(AugmentConfig(**cfg, elastic_alpha=2.0, fused=True)),
+                            n, seed=6)
+    for i in range(2):
+        assert _ks(kornia_ops[:, i], fused[:, i]) < critical, i
+        assert _ks(kornia_ops[:, i], weaker[:, i]) > critical, i
+
+
+def test_fused_augment_keeps_image_and_mask_together():
+    cfg = AugmentConfig(rotation_p=1.0, hflip_p=0.5, vflip_p=0.5, elastic_p=1.0, fused=True)
+    images, masks = _batch()
+    torch.manual_seed(1)
+    out_images, out_masks = DeviceAugment(cfg).train()(images, masks)
+    assert set(out_masks.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(out_masks, masks)
+    assert ((out_images[:, 1:2] > 0.6).float() == out_masks).float().mean() > 0.99
