@@ -68,7 +68,9 @@ def _tif_cases(pred: Path, truth: Path) -> list[CasePair]:
     by_folder: dict[Path, list[Path]] = {}
     for t in sorted(truth.rglob(f"*{MASK_SUFFIX}")):
         by_folder.setdefault(t.parent.relative_to(truth), []).append(t)
-    return [CasePair(str(folder), [pred / t.relative_to(truth) for t in files], files)
+    # A single patient folder as TRUTH is one case named after it.
+    return [CasePair(truth.name if folder == Path() else str(folder),
+                     [pred / t.relative_to(truth) for t in files], files)
             for folder, files in by_folder.items()]
 
 

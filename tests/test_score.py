@@ -129,6 +129,10 @@ def test_tif_cases_against_numpy(synth_root, tmp_path):
     assert got[names[2]] == 0.0
     assert s["cases_below_0.5"] == 1
     assert s["units"]["volume"] == "pixels"
+    # One patient folder against predict's output folder for it: one case, named after it.
+    one, _ = score_folders(pred / names[1], truth / names[1], show_progress=False)
+    assert list(one["case"]) == [names[1]]
+    assert one["dice"][0] == pytest.approx(expected[names[1]])
 
 
 def test_cli_writes_table_summary_and_figure(nifti_cases, tmp_path):
