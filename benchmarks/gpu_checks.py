@@ -9,7 +9,8 @@ Each ``check_*`` function takes a :class:`~brainseg_dist.train.Trainer` and retu
 * ``check_kornia_on_device``: Kornia draws its parameters and works on the training device;
 * ``check_device_batches``: the training slices live on the device and batches are its rows;
 * ``check_no_host_sync``: steps between two loss reads never wait on the device, under
-  ``torch.cuda.set_sync_debug_mode("error")`` on CUDA (the host-sync counter on CPU).
+  ``torch.cuda.set_sync_debug_mode("error")`` on CUDA (the host-sync counter on CPU);
+* ``check_no_host_sync_fused``: the same with the one-grid geometry (``augment.fused``).
 
 No pytest is needed (the GPU machine may lack it): ``python benchmarks/gpu_checks.py checks``
 runs them all and writes JSON; ``tests/test_gpu.py`` runs the same functions under pytest
@@ -24,6 +25,7 @@ images/s and peak memory; ``summary`` folds the results of ``gpu_check.sh`` into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -38,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_syncs import HostSyncCounter
 
+from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import load_config
 from brainseg_dist.io import atomic_write_json
 from brainseg_dist.train import Trainer, run_training
@@ -170,9 +173,20 @@ def check_no_host_sync(trainer: Trainer, steps: int = 6, warmup: int = 2) -> dic
             else "host-sync counter (TorchFunctionMode)"}
 
 
+def check_no_host_sync_fused(trainer: Trainer) -> dict[str, Any]:
+    """:func:`check_no_host_sync` with the one-grid geometry (``augment.fused``)."""
+    kept = trainer.augment
+    cfg = dataclasses.replace(trainer.cfg.augment, fused=True)
+    trainer.augment = DeviceAugment(cfg).to(trainer.accelerator.device)
+    try:
+        return {**check_no_host_sync(trainer), "augment": "fused"}
+    finally:
+        trainer.augment = kept
+
+
 CHECKS = {"bf16_autocast": check_bf16_autocast, "channels_last": check_channels_last,
           "kornia_on_device": check_kornia_on_device, "device_batches": check_device_batches,
-          "no_host_sync": check_no_host_sync}
+          "no_host_sync": check_no_host_sync, "no_host_sync_fused": check_no_host_sync_fused}
 
 
 def run_checks(device: str, work: Path) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["all_checks_ok"]
     assert set(summary["checks"]) == {"bf16_autocast", "channels_last", "kornia_on_device",
-                                      "device_batches", "no_host_sync"}
+                                      "device_batches", "no_host_sync", "no_host_sync_fused"}
     assert {name: s["exit_status"] for name, s in summary["steps"].items()} == {
         "kornia": 0, "checks": 0, "throughput": 0, "train": 0}
     for name, c in summary["criteria"].items():

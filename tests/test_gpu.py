@@ -56,3 +56,9 @@ def test_batches_come_from_slices_held_on_the_gpu(trainer):
 def test_no_host_sync_inside_a_step(trainer):
     seen = gpu_checks.check_no_host_sync(trainer)
     assert seen["how"].startswith("torch.cuda.set_sync_debug_mode")
+
+
+def test_no_host_sync_inside_a_step_with_the_one_grid_geometry(trainer):
+    seen = gpu_checks.check_no_host_sync_fused(trainer)
+    assert seen["augment"] == "fused"
+    assert seen["how"].startswith("torch.cuda.set_sync_debug_mode")

@@ -43,10 +43,12 @@ class StepRecorder:
         return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
-@pytest.mark.parametrize("on_device", ["false", "true"])
-def test_host_syncs_only_on_read_steps(synth_root, tmp_path, on_device):
+@pytest.mark.parametrize(("on_device", "fused"), [("false", False), ("true", False),
+                                                  ("true", True)])
+def test_host_syncs_only_on_read_steps(synth_root, tmp_path, on_device, fused):
     cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1, "train.log_every": LOG_EVERY,
                                                "data.on_device": on_device,
+                                               "augment.fused": fused,
                                                "optim.grad_clip": 1.0, "train.ema_decay": 0.9})
     trainer = Trainer(cfg)
     steps = len(trainer.train_batches)
