@@ -74,11 +74,14 @@ def load_cv_run(path: str | Path) -> CvRun:
         raise BrainsegError(f"{table_path}: expected one row per patient and dice_* columns")
     config_path = rundir.fold_dir(path, 0) / rundir.CONFIG
     try:
-        config = _flatten(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise BrainsegError(f"{config_path}: unreadable ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(summary, dict) or not isinstance(plan, dict):
+        raise BrainsegError(f"{path}: not a `brainseg cv` output (its files hold other data)")
+    splits = [s for s in plan.get("splits", []) if isinstance(s, dict)]
     return CvRun(path, summary, dice[[c for c in dice.columns if c.startswith("dice_")]],
-                 [frozenset(s["test"]) for s in plan.get("splits", [])], config)
+                 [frozenset(s.get("test", [])) for s in splits], _flatten(raw))
 
 
 def config_changes(reference: CvRun, other: CvRun) -> dict[str, list[Any]]:
