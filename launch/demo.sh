@@ -23,5 +23,6 @@ Next steps (after: source .venv/bin/activate):
   brainseg export $out                           # model.ts, model.pt2, model.onnx, metadata.json
   brainseg predict $out/model.ts NEW_SCANS/ out/ # tif slices, folders, or FLAIR .nii.gz volumes
   brainseg predict $out/model.onnx flair.nii.gz out/   # onnxruntime instead of torch
+  brainseg score out/ LABELS/                    # those masks against your ground truth
   tensorboard --logdir runs/                     # training curves and validation overlays
 NEXT
