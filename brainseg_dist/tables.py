@@ -45,9 +45,14 @@ CV_ROWS = [("patient Dice mean", "dice_patient_mean"), ("patient Dice median",
            ("HD95 px (mean)", "hd95_mean")]
 
 
+def ci_text(interval: list[float]) -> str:
+    """``[low, high]`` of a confidence interval."""
+    return "[{}, {}]".format(*(fmt(v) for v in interval))
+
+
 def ci_cell(metrics: dict[str, Any]) -> str:
     """``[low, high]`` of a CV variant's per-patient Dice CI."""
-    return "[{}, {}]".format(*(fmt(v) for v in metrics["dice_patient_ci95"]))
+    return ci_text(metrics["dice_patient_ci95"])
 
 
 def print_data_summary(s: dict) -> None:
@@ -106,7 +111,7 @@ def print_cv_summary(s: dict[str, Any], out: Path) -> None:
     console.print(t)
     console.print(f"headline ({s['headline']}): per-patient Dice mean "
                   f"{fmt(s['dice_patient_mean'])}, median {fmt(s['dice_patient_median'])}, "
-                  f"95% CI [{fmt(s['dice_patient_ci95'][0])}, {fmt(s['dice_patient_ci95'][1])}]"
+                  f"95% CI {ci_text(s['dice_patient_ci95'])}"
                   f"; outputs in {out}", highlight=False)
 
 
@@ -131,8 +136,7 @@ def print_comparison(c: dict[str, Any]) -> None:
         t.add_column(v, justify="right")
     for run, by_variant in c["runs"].items():
         t.add_row(run, *(f"{fmt(m['dice_patient_mean'])}, {fmt(m['dice_patient_median'])}, "
-                         + ("[{}, {}]".format(*map(fmt, m["dice_patient_ci95"]))
-                            if m.get("dice_patient_ci95") else "–")
+                         + (ci_cell(m) if m.get("dice_patient_ci95") else "–")
                          for m in (by_variant.get(v, {}) for v in variants)))
     console.print(t)
     for comp in c["comparisons"]:
@@ -158,8 +162,7 @@ def print_scores(table: Any, s: dict[str, Any], worst: int = 5) -> None:
     t = Table(title=f"{s['cases']} case(s) ({s['layout']}): predictions against ground truth")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    t.add_row("Dice mean [95% CI]", f"{fmt(s['dice_mean'])} [{fmt(s['dice_ci95'][0])}, "
-                                    f"{fmt(s['dice_ci95'][1])}]")
+    t.add_row("Dice mean [95% CI]", f"{fmt(s['dice_mean'])} {ci_text(s['dice_ci95'])}")
     t.add_row("Dice median / SD / min", f"{fmt(s['dice_median'])} / {fmt(s['dice_sd'])} / "
                                         f"{fmt(s['dice_min'])}")
     t.add_row("cases below 0.5", str(s["cases_below_0.5"]))
