@@ -126,6 +126,15 @@ def predict_command(model: Path, paths: tuple[Path, ...], pre: Path | None, flai
                   f"tumour_area.csv and tumour_volume.csv to {r.out}", highlight=False)
 
 
+def _check_output_files(**files: Path | None) -> None:
+    """Before any work: the folder of each requested ``--OPTION`` file takes new files."""
+    from brainseg_dist.io import check_writable
+
+    for option, path in files.items():
+        if path is not None:
+            check_writable(path.parent, f"folder of the --{option} file")
+
+
 @main.command("compare")
 @click.argument("cv_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
@@ -144,12 +153,10 @@ def compare_command(cv_dirs: tuple[Path, ...], json_out: Path | None, figure: Pa
     and which config keys differ. The comparison is paired, so it is much tighter than the
     two runs' own confidence intervals."""
     from brainseg_dist.compare import compare_runs
-    from brainseg_dist.io import atomic_write_json, check_writable
+    from brainseg_dist.io import atomic_write_json
     from brainseg_dist.tables import paired_cell, print_comparison
 
-    for path, what in ((json_out, "--json file"), (figure, "--figure file")):
-        if path is not None:
-            check_writable(path.parent, f"folder of the {what}")
+    _check_output_files(json=json_out, figure=figure)
     result = compare_runs(list(cv_dirs), seed=seed)
     print_comparison(result)
     if json_out is not None:
@@ -186,13 +193,11 @@ def score_command(pred: Path, truth: Path, csv_out: Path | None, json_out: Path 
     CASE_seg.nii.gz in TRUTH, on the same voxel grid; 3D Dice, precision, recall, volumes
     in mm³ and HD95 in mm. kaggle_3m slices: <folder>/<name>_mask.tif in both, a folder
     per case. Any non-zero voxel is tumour; a truth case without a prediction is an error."""
-    from brainseg_dist.io import atomic_write_json, atomic_write_text, check_writable
+    from brainseg_dist.io import atomic_write_json, atomic_write_text
     from brainseg_dist.score import score_folders
     from brainseg_dist.tables import print_scores
 
-    for path, what in ((csv_out, "--csv"), (json_out, "--json"), (figure, "--figure")):
-        if path is not None:
-            check_writable(path.parent, f"folder of the {what} file")
+    _check_output_files(csv=csv_out, json=json_out, figure=figure)
     table, summary = score_folders(pred, truth)
     print_scores(table, summary)
     if csv_out is not None:
