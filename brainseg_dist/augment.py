@@ -147,11 +147,9 @@ class DeviceAugment(nn.Module):
     def __init__(self, cfg: AugmentConfig):
         super().__init__()
         self.cfg = cfg
-        self.geometric: nn.Module | None = None
-        if cfg.fused:
-            self.geometric = FusedGeometry(cfg)
-        else:
-            self.geometric = self._kornia_ops(cfg) or None
+        # None: no geometric transform configured.
+        self.geometric: nn.Module | None = (FusedGeometry(cfg) if cfg.fused
+                                            else self._kornia_ops(cfg) or None)
         self.gamma = None
         if cfg.gamma_p > 0 and cfg.gamma_range > 0:
             r = cfg.gamma_range
