@@ -141,8 +141,8 @@ def data_batches(data: SliceData, batch_size: int, device: torch.device, on_devi
     return epochs()
 
 def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipeline]:
-    """The baseline (and the baseline at other worker counts), the project pipeline, one
-    ablation per speed choice, and the compiled project when ``args.compile``."""
+    """The baseline (and the baseline at other worker counts), the project pipeline and one
+    ablation per speed choice."""
     bs, bw = args.batch_size, args.base_width
     # Enough batches that the workers keep producing through every timed step: a timed
     # window then starts and ends with the prefetch buffer full (steady state), so it
@@ -200,14 +200,26 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
         pipeline("sync_per_step", "project, but loss.item() and bool(finite) every step (the "
                  "step before the sync-free one)", project_batches(), sync_every_step=True),
     ]
-    if args.compile:
-        compiled = pipeline("compiled", "project, with train.compile (torch.compile of the "
-                            "model; off by default)", project_batches())
-        compiled.model.compile()
-        pipelines.append(compiled)
     pipelines += [baseline(w, f"baseline_workers_{w}") for w in args.baseline_workers
                   if w != args.workers]
     return pipelines
+
+def build_compile_pipelines(data: SliceData, args, device: torch.device) -> list[Pipeline]:
+    """The project pipeline and the same with ``train.compile`` (timed apart from the others,
+    so a slow or failing compile costs only its own result)."""
+    on_device = project_on_device(data, device)
+    amp = project_mixed_precision(device)
+    out = []
+    for name in ("project", "compiled"):
+        model = _model(args.base_width, True, device)
+        out.append(Pipeline(
+            name, "project, with train.compile (torch.compile of the model; off by default)"
+            if name == "compiled" else "project (eager), timed beside the compiled one",
+            data_batches(data, args.batch_size, device, on_device), model,
+            torch.optim.Adam(model.parameters(), lr=LR), device, torch.channels_last, amp,
+            True, DeviceAugment(AugmentConfig()).to(device).train()))
+    out[1].model.compile()
+    return out
 
 def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
     median = statistics.median(times)
@@ -230,7 +242,7 @@ def _round_ratio(p: Pipeline, ref: Pipeline, cpu: bool = False) -> float:
     return statistics.median(r / t for t, r in zip(times[-len(p.times):],
                                                    ref_times[-len(ref.times):], strict=True))
 
-def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
+def _time_interleaved(pipelines: list[Pipeline], args) -> None:
     """Warm every pipeline up, then time ``steps`` steps each, interleaved in rounds (order
     reversed every other round) so a load change on the machine hits all of them alike.
     Each round's steps of a pipeline are timed as one block (``Pipeline.times`` holds one
@@ -248,6 +260,11 @@ def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
             p.times.append(p.timed_steps(n))
             console.print(f"  round {r + 1}/{args.rounds}: {p.name} "
                           f"{p.times[-1] * 1000:.0f} ms/step")
+
+def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
+    """Every pipeline timed by :func:`_time_interleaved`, against the baseline and (the
+    ablations) the project."""
+    _time_interleaved(pipelines, args)
     by_name = {p.name: p for p in pipelines}
     results: dict[str, Any] = {}
     base = _summary(by_name["baseline"].times, args.batch_size)
@@ -272,20 +289,26 @@ def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
         results[p.name] = r
     out = {"baseline": results.pop("baseline"), "project": results.pop("project")}
     sweep = {k: results.pop(k) for k in list(results) if k.startswith("baseline_workers_")}
-    if "compiled" in results:
-        out["compile"] = _compile_payoff(results.pop("compiled"), out["project"])
     out["ablations"] = results
     out["baseline_workers"] = {str(args.workers): out["baseline"]["images_per_s"], **{
         k.removeprefix("baseline_workers_"): r["images_per_s"] for k, r in sweep.items()}}
     out["baseline_sweep"] = sweep
     return out
 
-def _compile_payoff(compiled: dict[str, Any], project: dict[str, Any]) -> dict[str, Any]:
-    """What ``train.compile`` costs (the first step, less a steady one) and saves per step;
-    the steps after which it has paid for itself (None: it never does)."""
-    cost = compiled["first_step_s"] - compiled["median_step_s"]
-    saved = project["median_step_s"] - compiled["median_step_s"]
-    return {**compiled, "compile_seconds": cost, "saved_per_step_s": saved,
+def measure_compile(pipelines: list[Pipeline], args) -> dict[str, Any]:
+    """What ``train.compile`` costs (the compiled pipeline's first step, less a steady one)
+    and saves per step against the eager project timed in the same rounds; the steps after
+    which it has paid for itself (None: it never does)."""
+    _time_interleaved(pipelines, args)
+    project, compiled = pipelines
+    eager = _summary(project.times, args.batch_size)
+    r = {"description": compiled.description, **_summary(compiled.times, args.batch_size),
+         "first_step_s": compiled.first_step_s, "eager_median_step_s": eager["median_step_s"]}
+    r["ratio_vs_project"] = eager["median_step_s"] / r["median_step_s"]
+    r["round_median_ratio_vs_project"] = _round_ratio(compiled, project)
+    cost = r["first_step_s"] - r["median_step_s"]
+    saved = eager["median_step_s"] - r["median_step_s"]
+    return {**r, "compile_seconds": cost, "saved_per_step_s": saved,
             "break_even_steps": cost / saved if saved > 0 else None}
 
 def measure_loader(data: SliceData, args, device: torch.device) -> dict[str, Any]:

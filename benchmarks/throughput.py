@@ -44,7 +44,13 @@ from bench_data import measure_decode, prepare_data
 from bench_inference import measure_inference
 from bench_report import print_tables
 from bench_scaling import measure_scaling
-from bench_training import build_pipelines, measure_loader, measure_training
+from bench_training import (
+    build_compile_pipelines,
+    build_pipelines,
+    measure_compile,
+    measure_loader,
+    measure_training,
+)
 
 from brainseg_dist.console import console
 from brainseg_dist.io import atomic_write_json
@@ -124,7 +130,23 @@ def select_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
 
+def _timed_pipelines(pipelines: list, measure, args: argparse.Namespace) -> dict[str, Any]:
+    """``measure(pipelines, args)``, then stop their loader workers whatever happened."""
+    try:
+        return measure(pipelines, args)
+    finally:
+        for p in pipelines:
+            p.close()
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement in turn; with ``--json``, the sections measured so far are written
+    there (``complete: false``) after each long one, so a run cut off at a time limit keeps
+    them."""
+
+    def save_partial(res: dict[str, Any]) -> None:
+        if args.json:
+            atomic_write_json(args.json, {**res, "complete": False})
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -151,13 +173,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              f"{args.batch_size}; add patients or lower --batch-size")
 
         console.print("training: building pipelines ...")
-        pipelines = build_pipelines(data, args, device)
-        try:
-            res["train"] = measure_training(pipelines, args)
-        finally:
-            for p in pipelines:
-                p.close()
-            del pipelines
+        res["train"] = _timed_pipelines(build_pipelines(data, args, device), measure_training,
+                                        args)
+        save_partial(res)
 
         console.print("augmentation ...")
         res["augment"] = measure_augmentation(data, args, device,
@@ -176,6 +194,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         console.print("inference ...")
         res["inference"] = measure_inference(data, args, device)
+        save_partial(res)
+
+        if args.compile:  # last of the training measurements: the slowest and likeliest to fail
+            console.print("training: train.compile ...")
+            try:
+                res["train"]["compile"] = _timed_pipelines(
+                    build_compile_pipelines(data, args, device), measure_compile, args)
+            except Exception as exc:
+                res["train"]["compile"] = {"status": "failed",
+                                           "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+            save_partial(res)
 
         if args.scaling:
             try:
@@ -188,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["seconds"] = time.perf_counter() - t_start
     res["summary"] = summarize(res)
     res["warnings"] = check_conditions(res)
+    res["complete"] = True
     return res
 
 def check_conditions(res: dict[str, Any]) -> list[str]:
@@ -252,9 +282,11 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     # Project defaults that measured slower than switching them off (5% margin for noise).
     s["project_defaults_slower_than_alternative"] = [
         name for name, r in tr["ablations"].items() if r["ratio_vs_project"] > 1.05]
-    if "compile" in tr:
+    if "compile_seconds" in tr.get("compile", {}):
         s["compile"] = {k: tr["compile"][k] for k in (
             "compile_seconds", "saved_per_step_s", "break_even_steps", "ratio_vs_project")}
+    elif "compile" in tr:
+        s["compile"] = tr["compile"]
     sc = res.get("scaling", {})
     if sc.get("status") == "ok":
         last = sc["runs"][-1]
@@ -265,12 +297,13 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
+    if args.json:  # before the tables: a report that fails to print loses no result
+        atomic_write_json(args.json, res)
     out = Console(width=max(120, Console().width))
     print_tables(res, out)
     for w in res["warnings"]:
         out.print(f"[yellow]note:[/yellow] {w}", highlight=False)
     if args.json:
-        atomic_write_json(args.json, res)
         console.print(f"results written to {args.json}")
     return 0
 

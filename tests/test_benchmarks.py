@@ -121,6 +121,44 @@ def test_tiny_run_writes_every_ratio(tmp_path):
     assert isinstance(res["warnings"], list)
 
 
+def test_cut_off_run_keeps_finished_sections_and_a_failed_compile(tmp_path, monkeypatch):
+    """A compile that fails is recorded, not fatal; a run cut off later (as gpu_check.sh's
+    time limits do) leaves every section it finished in --json, marked incomplete."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    def no_compiler(*_args):
+        raise RuntimeError("no C compiler")
+
+    def cut_off(*_args):
+        raise SystemExit(124)
+
+    monkeypatch.setattr(throughput, "build_compile_pipelines", no_compiler)
+    monkeypatch.setattr(throughput, "measure_scaling", cut_off)
+    out = tmp_path / "bench.json"
+    args = throughput.parse_args(["--tiny", "--device", "cpu", "--compile", "--compile-budget",
+                                  "1", "--json", str(out)])
+    with pytest.raises(SystemExit):
+        throughput.run(args)
+    res = json.loads(out.read_text())
+    assert res["complete"] is False
+    assert res["train"]["compile"] == {"status": "failed",
+                                       "reason": "RuntimeError: no C compiler"}
+    for section in ("data", "augment", "loader", "inference"):
+        assert res[section], section
+    assert _positive(res["train"]["project"]["images_per_s"])
+    assert "summary" not in res
+    assert res["inference"]["compile"]["status"] == "unavailable"  # past its 1 s budget
+    res["summary"] = throughput.summarize(res)
+    assert res["summary"]["compile"]["status"] == "failed"
+    res["load_average"]["end"] = None
+    res["scaling"] = {"status": "skipped", "reason": "cut off"}
+    with (tmp_path / "tables.txt").open("w") as f:
+        throughput.print_tables(res, throughput.Console(file=f, width=200))
+    tables = (tmp_path / "tables.txt").read_text()
+    assert "train.compile: failed (RuntimeError: no C compiler)" in tables
+
+
 @pytest.mark.slow
 def test_tiny_run_measures_two_process_scaling(tmp_path):
     res = _run(tmp_path, "--no-compile")
