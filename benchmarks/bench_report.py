@@ -59,11 +59,12 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
                   "device" if r["augmentation"].startswith("device") else
                   f"CPU, {r['loader']}")
     out.print(t)
-    c = tr.get("compile")
-    if c and "compile_seconds" not in c:
-        out.print(f"train.compile: {c['status']} ({c['reason']})", highlight=False)
-    elif c:
-        out.print(f"train.compile (timed beside an eager project pipeline): "
+    for mode, c in tr.get("compile", {}).items():
+        if "compile_seconds" not in c:
+            out.print(f"torch.compile, mode {mode}: {c['status']} ({c['reason']})",
+                      highlight=False)
+            continue
+        out.print(f"torch.compile, mode {mode} (timed beside an eager project pipeline): "
                   f"{c['median_step_s'] * 1000:.1f} against {c['eager_median_step_s'] * 1000:.1f}"
                   f" ms per step ({c['ratio_vs_project']:.2f}x); first step "
                   f"{c['first_step_s']:.1f} s, so about {c['compile_seconds']:.1f} s of "

@@ -54,6 +54,7 @@ class Pipeline:
     normalize_on_device: bool  # uint8 batches, normalized on the device
     augment: torch.nn.Module | None  # batched device augmentation, or None
     sync_every_step: bool = False  # the old step: loss.item() and bool(finite) every step
+    cudagraph_steps: bool = False  # torch.compile mode reduce-overhead: mark each new step
     settings: dict[str, Any] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)  # per-step mean of each timed block
     # The same in this process's CPU seconds: on a CPU shared with other jobs, a steadier
@@ -69,6 +70,8 @@ class Pipeline:
 
     def step(self) -> None:
         """One full training step, including fetching the batch from the loader."""
+        if self.cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         images, masks = next(self.batches)[:2]
         images = images.to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
@@ -204,21 +207,23 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
                   if w != args.workers]
     return pipelines
 
-def build_compile_pipelines(data: SliceData, args, device: torch.device) -> list[Pipeline]:
-    """The project pipeline and the same with ``train.compile`` (timed apart from the others,
-    so a slow or failing compile costs only its own result)."""
+def build_compile_pipelines(data: SliceData, args, device: torch.device,
+                            mode: str = "default") -> list[Pipeline]:
+    """The project pipeline and the same with its model compiled (``torch.compile``, ``mode``)
+    (timed apart from the others, so a slow or failing compile costs only its own result)."""
     on_device = project_on_device(data, device)
     amp = project_mixed_precision(device)
     out = []
     for name in ("project", "compiled"):
         model = _model(args.base_width, True, device)
         out.append(Pipeline(
-            name, "project, with train.compile (torch.compile of the model; off by default)"
+            name, f"project, with torch.compile of the model (mode {mode})"
             if name == "compiled" else "project (eager), timed beside the compiled one",
             data_batches(data, args.batch_size, device, on_device), model,
             torch.optim.Adam(model.parameters(), lr=LR), device, torch.channels_last, amp,
-            True, DeviceAugment(AugmentConfig()).to(device).train()))
-    out[1].model.compile()
+            True, DeviceAugment(AugmentConfig()).to(device).train(),
+            cudagraph_steps=name == "compiled" and mode == "reduce-overhead"))
+    out[1].model.compile(mode=None if mode == "default" else mode)
     return out
 
 def _summary(times: list[float], batch_size: int) -> dict[str, Any]:

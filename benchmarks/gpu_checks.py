@@ -9,7 +9,8 @@ Each ``check_*`` function takes a :class:`~brainseg_dist.train.Trainer` and retu
 * ``check_kornia_on_device``: Kornia draws its parameters and works on the training device;
 * ``check_device_batches``: the training slices live on the device and batches are its rows;
 * ``check_no_host_sync``: steps between two loss reads never wait on the device, under
-  ``torch.cuda.set_sync_debug_mode("error")`` on CUDA (the host-sync counter on CPU);
+  ``torch.cuda.set_sync_debug_mode("warn")`` on CUDA, every warning collected with the line
+  that made it (the host-sync counter on CPU);
 * ``check_no_host_sync_fused``: the same with the one-grid geometry (``augment.fused``).
 
 No pytest is needed (the GPU machine may lack it): ``python benchmarks/gpu_checks.py checks``
@@ -31,6 +32,7 @@ import resource
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -154,22 +156,29 @@ def check_no_host_sync(trainer: Trainer, steps: int = 6, warmup: int = 2) -> dic
         pass
     cuda = trainer.accelerator.device.type == "cuda"
     counter, watching = HostSyncCounter(host_code=HOST_CODE), False
-    try:
-        for i, _ in enumerate(_steps(trainer, steps + 1, warmup)):
-            if i == 1:  # after the epoch's index upload (the generator's first batch)
-                if cuda:
-                    torch.cuda.set_sync_debug_mode("error")
-                else:
-                    counter.__enter__()
-                watching = True
-    finally:
-        if watching and cuda:
-            torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.synchronize()
-        elif watching:
-            counter.__exit__(None, None, None)
+    # CUDA's debug mode warns at each synchronizing call, attributed to the Python line that
+    # made it: every one is collected (an error would stop at the first).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for i, _ in enumerate(_steps(trainer, steps + 1, warmup)):
+                if i == 1:  # after the epoch's index upload (the generator's first batch)
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode("warn")
+                    else:
+                        counter.__enter__()
+                    watching = True
+        finally:
+            if watching and cuda:
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+            elif watching:
+                counter.__exit__(None, None, None)
+    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message))
     assert counter.count == 0, dict(counter.calls)
-    return {"steps": steps, "how": "torch.cuda.set_sync_debug_mode('error')" if cuda
+    assert not syncs, f"synchronizing CUDA calls (file:line: count): {dict(syncs)}"
+    return {"steps": steps, "how": "torch.cuda.set_sync_debug_mode('warn')" if cuda
             else "host-sync counter (TorchFunctionMode)"}
 
 
@@ -286,6 +295,12 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
         "baseline_workers_images_per_s": tr.get("baseline_workers"),
         "project_images_per_s": project,
         "compile": sm.get("compile"),
+        # Each compiled pipeline against the baseline, through the eager project it was timed
+        # beside (the compiled ones run after the baseline's rounds).
+        "compiled_vs_baseline_default_workers": {
+            mode: c["ratio_vs_project"] * project / base
+            for mode, c in (sm.get("compile") or {}).items()
+            if project and base and "ratio_vs_project" in c},
         "train": {k: train.get(k) for k in ("train_images_per_second",
                                             "train_images_per_second_after_first",
                                             "peak_memory_gb", "peak_rss_gb", "wall_seconds")},

@@ -45,6 +45,11 @@ def fill_missing_sequences(images: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
+def _range(low: float, high: float, device: torch.device) -> torch.Tensor:
+    """A Kornia parameter range as a float32 tensor on ``device`` (see ``DeviceAugment``)."""
+    return torch.tensor([low, high], dtype=torch.float32, device=device)
+
+
 def elastic_kernel_size(sigma: float) -> int:
     """The Gaussian's support for the displacement field: ±3 sigma, odd."""
     return 2 * int(3 * sigma) + 1
@@ -147,23 +152,44 @@ class DeviceAugment(nn.Module):
     def __init__(self, cfg: AugmentConfig):
         super().__init__()
         self.cfg = cfg
+        self._build(torch.device("cpu"))
+
+    def _build(self, device: torch.device) -> None:
+        """The transforms for ``device``.
+
+        Kornia's uniform parameter generators (rotation, gamma) hand their draws over on the
+        device of their range tensors, or on the default device (the CPU) when the ranges are
+        numbers: on CUDA that is a copy to the host and back in every step, each a host sync.
+        So the ranges are tensors on the training device, and the ops are built anew when the
+        module moves (:meth:`_apply`)."""
+        cfg = self.cfg
+        self.device = device
         # None: no geometric transform configured.
         self.geometric: nn.Module | None = (FusedGeometry(cfg) if cfg.fused
-                                            else self._kornia_ops(cfg) or None)
+                                            else self._kornia_ops(cfg, device) or None)
         self.gamma = None
         if cfg.gamma_p > 0 and cfg.gamma_range > 0:
             r = cfg.gamma_range
-            self.gamma = K.RandomGamma(gamma=(1 / (1 + r), 1 + r), p=cfg.gamma_p)
+            self.gamma = K.RandomGamma(gamma=_range(1 / (1 + r), 1 + r, device), p=cfg.gamma_p)
+        self.to(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        device = fn(torch.zeros((), device=self.device)).device
+        if device != self.device:
+            self._build(device)
+        return out
 
     @staticmethod
-    def _kornia_ops(cfg: AugmentConfig) -> nn.Sequential:
+    def _kornia_ops(cfg: AugmentConfig, device: torch.device) -> nn.Sequential:
         ops: list[nn.Module] = []
         if cfg.hflip_p > 0:
             ops.append(K.RandomHorizontalFlip(p=cfg.hflip_p))
         if cfg.vflip_p > 0:
             ops.append(K.RandomVerticalFlip(p=cfg.vflip_p))
         if cfg.rotation_p > 0 and cfg.rotation_degrees > 0:
-            ops.append(K.RandomRotation(degrees=cfg.rotation_degrees, p=cfg.rotation_p))
+            d = cfg.rotation_degrees
+            ops.append(K.RandomRotation(degrees=_range(-d, d, device), p=cfg.rotation_p))
         if cfg.elastic_p > 0:
             k = elastic_kernel_size(cfg.elastic_sigma)
             ops.append(K.RandomElasticTransform(

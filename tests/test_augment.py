@@ -233,3 +233,26 @@ def test_fused_augment_keeps_image_and_mask_together():
     assert set(out_masks.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(out_masks, masks)
     assert ((out_images[:, 1:2] > 0.6).float() == out_masks).float().mean() > 0.99
+
+
+def test_kornia_draws_stay_on_the_augments_device():
+    """Kornia hands a uniform generator's draws over on the device of its range tensors, or
+    on the default device when the ranges are plain numbers: on CUDA that was a copy to the
+    host and back (two host syncs) in every step. With the default device set elsewhere
+    (meta), the draws must still come out on the module's device."""
+    aug = DeviceAugment(AugmentConfig(gamma_p=0.5, gamma_range=0.3, vflip_p=0.5,
+                                      elastic_p=0.5)).to("cpu")
+    ops = [*aug.geometric, aug.gamma]
+    assert {type(op).__name__ for op in ops} >= {"RandomRotation", "RandomGamma",
+                                                  "RandomElasticTransform"}
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        for op in ops:
+            params = op.forward_parameters(torch.Size((4, 4, 32, 32)))
+            # forward_input_shape is host metadata, made on the default device by design.
+            devices = {k: v.device.type for k, v in params.items()
+                       if torch.is_tensor(v) and k != "forward_input_shape"}
+            assert set(devices.values()) == {"cpu"}, (type(op).__name__, devices)
+    x = torch.rand(4, 3, 32, 32) * 255
+    images, masks = aug(aug.intensity(x), (x[:, :1] > 128).float())
+    assert images.device.type == masks.device.type == "cpu"

@@ -142,21 +142,21 @@ def test_cut_off_run_keeps_finished_sections_and_a_failed_compile(tmp_path, monk
         throughput.run(args)
     res = json.loads(out.read_text())
     assert res["complete"] is False
-    assert res["train"]["compile"] == {"status": "failed",
-                                       "reason": "RuntimeError: no C compiler"}
+    assert res["train"]["compile"] == {"default": {"status": "failed",
+                                                   "reason": "RuntimeError: no C compiler"}}
     for section in ("data", "augment", "loader", "inference"):
         assert res[section], section
     assert _positive(res["train"]["project"]["images_per_s"])
     assert "summary" not in res
     assert res["inference"]["compile"]["status"] == "unavailable"  # past its 1 s budget
     res["summary"] = throughput.summarize(res)
-    assert res["summary"]["compile"]["status"] == "failed"
+    assert res["summary"]["compile"]["default"]["status"] == "failed"
     res["load_average"]["end"] = None
     res["scaling"] = {"status": "skipped", "reason": "cut off"}
     with (tmp_path / "tables.txt").open("w") as f:
         throughput.print_tables(res, throughput.Console(file=f, width=200))
     tables = (tmp_path / "tables.txt").read_text()
-    assert "train.compile: failed (RuntimeError: no C compiler)" in tables
+    assert "torch.compile, mode default: failed (RuntimeError: no C compiler)" in tables
 
 
 @pytest.mark.slow
