@@ -19,11 +19,13 @@
 #   throughput  the full benchmarks/throughput.py --json: the baseline at the dataset
 #               author's 4 loader workers and at more, every ablation, compiled training
 #   train       3 epochs of configs/lgg_unet128.yaml on a synthetic set: images/s, peak memory
+#   train_fast  the same with train.compile (mode reduce-overhead) and augment.fused (GPU only)
 #   summary     gpu_check.json: the issue's targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
-# train.json (scratch data, runs and caches stay in a temporary directory). They are written
-# into OUT/partial/ and moved up when the run ends, so a killed run leaves its partial results
-# there and never mixes them with an earlier run's; earlier results need --overwrite.
+# train.json, train_fast.json (scratch data, runs and caches stay in a temporary directory).
+# They are written into OUT/partial/ and moved up when the run ends, so a killed run leaves its
+# partial results there and never mixes them with an earlier run's; earlier results need
+# --overwrite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -37,7 +39,7 @@ for arg in "$@"; do
         *) echo "gpu_check: unknown argument '$arg' (expected --cpu or --overwrite)" >&2; exit 2 ;;
     esac
 done
-RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json)
+RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json train_fast.json)
 FINAL_DIR=${OUT:-runs/gpu_check}
 mkdir -p "$FINAL_DIR" || exit 2
 FINAL_DIR=$(cd "$FINAL_DIR" && pwd)
@@ -120,11 +122,16 @@ if [[ $MODE == gpu ]]; then
     # Triton kernels compile in parallel worker processes (throughput.py defaults to one).
     TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES < 8 ? CORES : 8 ))} \
         step throughput 270 "$PY" benchmarks/throughput.py --device cuda --workers 4 \
-        --baseline-workers "8,$CORES" --compile-budget 60 --json "$OUT_DIR/throughput.json" ||
-        FAILED=1
+        --baseline-workers "8,$CORES" --compile-budget 60 --compile-modes reduce-overhead \
+        --json "$OUT_DIR/throughput.json" || FAILED=1
     step train 100 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
         --epochs 3 --synthetic-patients 60 --work "$WORK/train" --json "$OUT_DIR/train.json" ||
         FAILED=1
+    # The same run with the GPU speed settings that are off by default.
+    step train_fast 120 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
+        --epochs 3 --synthetic-patients 60 --set train.compile=true \
+        --set train.compile_mode=reduce-overhead --set augment.fused=true \
+        --work "$WORK/train_fast" --json "$OUT_DIR/train_fast.json" || FAILED=1
 else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
     step checks 120 "$PY" benchmarks/gpu_checks.py checks --device cpu --work "$WORK/checks" \

@@ -156,10 +156,20 @@ def check_no_host_sync(trainer: Trainer, steps: int = 6, warmup: int = 2) -> dic
         pass
     cuda = trainer.accelerator.device.type == "cuda"
     counter, watching = HostSyncCounter(host_code=HOST_CODE), False
-    # CUDA's debug mode warns at each synchronizing call, attributed to the Python line that
-    # made it: every one is collected (an error would stop at the first).
-    with warnings.catch_warnings(record=True) as caught:
+    # CUDA's debug mode warns at each synchronizing call: every one is collected with the
+    # innermost Python frames at that moment (an error would stop at the first).
+    syncs: Counter[str] = Counter()
+
+    def note(message, *_args, **_kwargs) -> None:
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if Path(f.filename).name != "warnings.py"][-5:][::-1]
+            syncs[" < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:"
+                             f"{f.lineno}" for f in frames)] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = note
         try:
             for i, _ in enumerate(_steps(trainer, steps + 1, warmup)):
                 if i == 1:  # after the epoch's index upload (the generator's first batch)
@@ -174,10 +184,8 @@ def check_no_host_sync(trainer: Trainer, steps: int = 6, warmup: int = 2) -> dic
                 torch.cuda.synchronize()
             elif watching:
                 counter.__exit__(None, None, None)
-    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
-                    if "synchroniz" in str(w.message))
     assert counter.count == 0, dict(counter.calls)
-    assert not syncs, f"synchronizing CUDA calls (file:line: count): {dict(syncs)}"
+    assert not syncs, f"synchronizing CUDA calls (innermost frames: count): {dict(syncs)}"
     return {"steps": steps, "how": "torch.cuda.set_sync_debug_mode('warn')" if cuda
             else "host-sync counter (TorchFunctionMode)"}
 
@@ -268,6 +276,7 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
     checks = _load(out / "checks.json") or {}
     bench = _load(out / "throughput.json") or {}
     train = _load(out / "train.json") or {}
+    train_fast = _load(out / "train_fast.json") or {}
     tr, sm = bench.get("train", {}), bench.get("summary", {})
     base = tr.get("baseline", {}).get("images_per_s")
     project = tr.get("project", {}).get("images_per_s")
@@ -301,9 +310,11 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
             mode: c["ratio_vs_project"] * project / base
             for mode, c in (sm.get("compile") or {}).items()
             if project and base and "ratio_vs_project" in c},
-        "train": {k: train.get(k) for k in ("train_images_per_second",
-                                            "train_images_per_second_after_first",
-                                            "peak_memory_gb", "peak_rss_gb", "wall_seconds")},
+        **{name: {k: run.get(k) for k in ("train_images_per_second",
+                                          "train_images_per_second_after_first",
+                                          "val_dice_patient_mean", "peak_memory_gb",
+                                          "peak_rss_gb", "wall_seconds")}
+           for name, run in (("train", train), ("train_fast", train_fast))},
         "steps": steps,
         "all_checks_ok": bool(checks) and all(r.get("ok") for r in checks.values()),
     }

@@ -35,6 +35,7 @@ Select = Literal["best", "last"]
 EvalSplit = Literal["test", "val", "train", "all"]  # brainseg evaluate --split
 OnDevice = Literal["auto", "true", "false"]
 ScaleLr = Literal["none", "linear", "sqrt"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -132,6 +133,7 @@ class TrainConfig:
     export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
     log_every: int = 25  # steps between loss reads: one host sync each, none in between
     compile: bool = False  # torch.compile the training model (first steps pay the compile)
+    compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs (measured on GPUs)
 
 
 # Keys added after runs were saved, with the value that keeps the behaviour before them.
@@ -158,7 +160,7 @@ class Config:
             d["data"].pop(key)
         # Run length, bookkeeping and speed settings may change on --resume.
         for key in ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
-                    "patience", "export", "log_every", "compile"):
+                    "patience", "export", "log_every", "compile", "compile_mode"):
             d["train"].pop(key)
         # Keys added later count only when set away from the old behaviour, so runs saved
         # before they existed still resume.
@@ -376,8 +378,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             continue
         key_sources[dotted] = (override_sources or {}).get(dotted, f"override {dotted}")
         section, _, key = dotted.partition(".")
-        raw.setdefault(section, {})
-        if raw[section] is None:
+        if raw.setdefault(section, {}) is None:
             raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping")

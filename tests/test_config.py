@@ -59,6 +59,8 @@ def test_dump_round_trip(tmp_path):
     ("data:\n  device_memory_budget: 0\n", "data.device_memory_budget in (0, 1]"),
     ("train:\n  log_every: 0\n", "train.log_every must be >= 1"),
     ("train:\n  compile: sometimes\n", "train.compile: expected true/false"),
+    ("train:\n  compile_mode: fast\n", "train.compile_mode must be one of ('default', "
+                                        "'reduce-overhead'"),
     ("optim:\n  scale_lr: cubic\n", "optim.scale_lr must be one of ('none', 'linear', 'sqrt')"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, message):

@@ -234,6 +234,25 @@ def test_compile_builds_a_compiled_model_with_plain_weights(synth_root, tmp_path
     assert set(model.state_dict()) == set(build_model(4, 4).state_dict())  # checkpoint keys
 
 
+def test_validation_runs_a_compiled_model_eagerly(synth_root, tmp_path):
+    """Validation (eval mode, a last smaller batch) would compile again; it runs eagerly,
+    and compiled calls after it compile as before (the stance is put back)."""
+    trainer = Trainer(tiny_config(synth_root, tmp_path, **{"train.epochs": 1}))
+    compiled = []
+
+    def backend(graph, _inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.compile(backend=backend)
+    assert trainer.validate()["val_slices"] > 0
+    assert compiled == []
+    model.train()
+    model(torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert len(compiled) == 1
+
+
 @pytest.mark.slow
 def test_compiled_training_steps_match_eager(synth_root, tmp_path):
     """Two compiled training steps on CPU (inductor: most of a minute of compiling) give the

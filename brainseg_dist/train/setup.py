@@ -92,16 +92,20 @@ def scaled_lr(cfg: Config, num_processes: int) -> float:
     return cfg.optim.lr * factor
 
 
-def compile_model(model: torch.nn.Module) -> bool:
+def compile_model(model: torch.nn.Module, mode: str = "default") -> bool:
     """``torch.compile`` the model's forward in place (:meth:`torch.nn.Module.compile`), so
     DDP, ``accelerator.unwrap_model`` and checkpoint keys see the plain U-Net. Where torch
     cannot compile on this platform, warns and leaves it eager.
+
+    Args:
+        model: the training model.
+        mode: ``train.compile_mode`` (``reduce-overhead`` replays CUDA graphs).
 
     Returns:
         Whether the model is compiled.
     """
     try:
-        model.compile()
+        model.compile(mode=None if mode == "default" else mode)
     except RuntimeError as exc:  # e.g. a Python version dynamo does not support yet
         warn(f"train.compile: torch.compile is unavailable here ({exc}); training eagerly")
         return False

@@ -12,6 +12,7 @@ together; checkpoints are written and restored by
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,17 @@ from brainseg_dist.train.setup import (
     split_for_run,
 )
 from brainseg_dist.train.step import LossReading, LossTracker, is_read_step
+
+
+def eager(method):
+    """Run ``method`` with a compiled model eager: in validation and overlays, eval mode and
+    the last, smaller batch would each compile (and record CUDA graphs) again, for a few
+    batches an epoch. (A ``set_stance`` object made once would set the stance on creation.)"""
+    @functools.wraps(method)
+    def run_eagerly(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return method(*args, **kwargs)
+    return run_eagerly
 
 
 @dataclass
@@ -143,7 +155,11 @@ class Trainer(CheckpointState):
         self.ema = (WeightEMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
                     if cfg.train.ema_decay > 0 else None)
         # After the EMA's copy, which must run its own weights, not a compiled live model.
-        self.compiled = cfg.train.compile and compile_model(acc.unwrap_model(self.model))
+        self.compiled = cfg.train.compile and compile_model(acc.unwrap_model(self.model),
+                                                            cfg.train.compile_mode)
+        # CUDA graph replays reuse their output memory: each step must say it is a new one.
+        self.cudagraph_steps = self.compiled and cfg.train.compile_mode in (
+            "reduce-overhead", "max-autotune")
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
 
@@ -164,6 +180,8 @@ class Trainer(CheckpointState):
         """One optimizer step (or accumulation step) on a uint8 batch; waits on no device
         result (the loss goes to ``tracker``)."""
         acc, cfg = self.accelerator, self.cfg
+        if self.cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         with acc.accumulate(self.model):
             x = self._inputs(self.augment.intensity(images), idx, self.volume_stats["train"])
             x, y = self.augment(x, masks.float())
@@ -224,6 +242,7 @@ class Trainer(CheckpointState):
             "optim.lr, optim.grad_clip > 0, or bf16 instead of fp16.")
 
     @torch.no_grad()
+    @eager
     def validate(self) -> dict[str, float]:
         """Validation loss and Dice over every validation slice, identical for any rank count."""
         acc, cfg = self.accelerator, self.cfg
@@ -251,6 +270,7 @@ class Trainer(CheckpointState):
         return result
 
     @torch.no_grad()
+    @eager
     def _log_overlays(self, epoch: int) -> None:
         n = self.cfg.train.num_overlays
         if n <= 0 or self.writer is None:
