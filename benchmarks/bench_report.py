@@ -162,6 +162,8 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
               _f(sm["sync_free_gain"], "{:.2f}x"))
     t.add_row(f"project vs the best baseline ({sm['best_baseline_workers']} workers)",
               _f(sm["project_speedup_vs_best_baseline"], "{:.2f}x"))
+    t.add_row("project vs the baseline's sustained rate (the lesser of its steps and its "
+              "loader alone)", _f(sm["project_speedup_vs_sustained_baseline"], "{:.2f}x"))
     t.add_row("augmentation share of the project step", _f(sm["augment_share_of_step"],
                                                             "{:.1%}"))
     for name, r in sm["round_medians"].items():

@@ -111,8 +111,10 @@ def test_tiny_run_writes_every_ratio(tmp_path):
     assert _positive(summary["project_speedup_vs_baseline"])
     assert _positive(summary["loader_over_train"])
     for key in ("sync_free_gain", "data_toggled_ratio_vs_project", "augment_share_of_step",
-                "project_speedup_vs_best_baseline"):
+                "project_speedup_vs_best_baseline", "project_speedup_vs_sustained_baseline"):
         assert _positive(summary[key]), key
+    assert summary["baseline_sustained_images_per_s"] == min(
+        train["baseline"]["images_per_s"], loader["baseline_loader_images_per_s"])
     assert set(summary["round_medians"]) == {"project_speedup_vs_baseline", *(
         f"{name}_ratio_vs_project" for name in ABLATIONS)}
     assert set(summary["round_medians_cpu_time"]) == {  # workers' CPU time is not measured

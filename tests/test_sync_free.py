@@ -106,3 +106,24 @@ def test_loss_tracker_sums_ranks_and_finds_the_first_bad_step():
 def test_read_steps():
     assert [s for s in range(10) if is_read_step(s, 10, 4)] == [3, 7, 9]
     assert [s for s in range(3) if is_read_step(s, 3, 25)] == [2]
+
+
+def test_sync_sites_count_cudas_per_call_warning_only():
+    """On CUDA the check collects the sync-debug warnings; the notice that setting the mode
+    gives once per process (an H200 run counted it as a sync) is not one."""
+    import warnings
+
+    import gpu_checks
+
+    sites = gpu_checks.SyncSites()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = sites
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet "
+                      "detect all synchronizing operations", stacklevel=1)
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    assert sum(sites.values()) == 2
+    ((where, count),) = sites.items()
+    assert count == 2
+    assert where.startswith("tests/test_sync_free.py:")
