@@ -142,6 +142,35 @@ def _timed_pipelines(pipelines: list, measure, args: argparse.Namespace) -> dict
         for p in pipelines:
             p.close()
 
+def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    out = {k: getattr(args, k) for k in (
+        "mode", "batch_size", "image_size", "base_width", "steps", "warmup", "rounds",
+        "workers", "baseline_workers", "infer_batches", "compile", "scaling")}
+    return {**out, "depth": DEPTH, "project_mixed_precision": project_mixed_precision(device)}
+
+def _loader_against_training(data, args: argparse.Namespace, device: torch.device,
+                             train: dict[str, Any]) -> dict[str, Any]:
+    """The data paths alone (:func:`measure_loader`), each over the training it feeds."""
+    lo = measure_loader(data, args, device)
+    train_ips = train["project"]["images_per_s"]
+    lo["train_images_per_s"] = train_ips
+    lo["loader_over_train"] = lo["project_loader_images_per_s"] / train_ips
+    lo["input_pipeline_over_train"] = lo["input_pipeline_images_per_s"] / train_ips
+    lo["baseline_loader_over_train"] = (lo["baseline_loader_images_per_s"]
+                                        / train["baseline"]["images_per_s"])
+    lo["loader_is_bottleneck"] = lo["loader_over_train"] < 3
+    return lo
+
+def _compiled_training(data, args: argparse.Namespace, device: torch.device,
+                       mode: str) -> dict[str, Any]:
+    """The compiled project pipeline in ``mode`` against its eager twin, or the failure."""
+    console.print(f"training: torch.compile, mode {mode} ...")
+    try:
+        return _timed_pipelines(build_compile_pipelines(data, args, device, mode),
+                                measure_compile, args)
+    except Exception as exc:
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement in turn; with ``--json``, the sections measured so far are written
     there (``complete: false``) after each long one, so a run cut off at a time limit keeps
@@ -157,13 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     np.random.seed(args.seed)
     device = select_device(args.device)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {"schema": SCHEMA_VERSION, "load_average": {"start": _load_average()}}
-    res["hardware"] = hardware(device)
-    res["settings"] = {k: getattr(args, k) for k in (
-        "mode", "batch_size", "image_size", "base_width", "steps", "warmup", "rounds",
-        "workers", "baseline_workers", "infer_batches", "compile", "scaling")}
-    res["settings"]["depth"] = DEPTH
-    res["settings"]["project_mixed_precision"] = project_mixed_precision(device)
+    res: dict[str, Any] = {"schema": SCHEMA_VERSION, "load_average": {"start": _load_average()},
+                           "hardware": hardware(device), "settings": _settings(args, device)}
     with tempfile.TemporaryDirectory(prefix="brainseg-bench-") as tmp:
         tmp = Path(tmp)
         console.print(f"[bold]brainseg_dist throughput[/bold] ({args.mode}, {device})")
@@ -186,15 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               res["train"]["project"]["median_step_s"])
 
         console.print("loader ...")
-        lo = measure_loader(data, args, device)
-        train_ips = res["train"]["project"]["images_per_s"]
-        lo["train_images_per_s"] = train_ips
-        lo["loader_over_train"] = lo["project_loader_images_per_s"] / train_ips
-        lo["input_pipeline_over_train"] = lo["input_pipeline_images_per_s"] / train_ips
-        lo["baseline_loader_over_train"] = (lo["baseline_loader_images_per_s"]
-                                            / res["train"]["baseline"]["images_per_s"])
-        lo["loader_is_bottleneck"] = lo["loader_over_train"] < 3
-        res["loader"] = lo
+        res["loader"] = _loader_against_training(data, args, device, res["train"])
 
         console.print("inference ...")
         res["inference"] = measure_inference(data, args, device)
@@ -204,14 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["train"]["compile"] = {}
             for mode in args.compile_modes or (
                     ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]):
-                console.print(f"training: torch.compile, mode {mode} ...")
-                try:
-                    res["train"]["compile"][mode] = _timed_pipelines(
-                        build_compile_pipelines(data, args, device, mode), measure_compile,
-                        args)
-                except Exception as exc:
-                    res["train"]["compile"][mode] = {
-                        "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+                res["train"]["compile"][mode] = _compiled_training(data, args, device, mode)
                 save_partial(res)
 
         if args.scaling:

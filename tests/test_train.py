@@ -220,6 +220,8 @@ def test_scale_lr_is_applied_and_printed_at_start(synth_root, tmp_path, capsys):
     assert "lr 2.50e-03 (optim.lr 1.00e-02 scaled linear to global batch 8 from 32)" in said
 
 
+# Compiling imports TorchScript's deprecated decorators (the deprecation is torch's, not ours).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_builds_a_compiled_model_with_plain_weights(synth_root, tmp_path):
     """torch.compile is lazy: building costs nothing, the first step compiles (slow test).
     The forward is compiled in place, so checkpoints keep the U-Net's keys, and the EMA copy
