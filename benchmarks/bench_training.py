@@ -32,6 +32,7 @@ from brainseg_dist.data.loader import make_loader
 from brainseg_dist.metrics import bce_dice_loss
 from brainseg_dist.model import build_model
 from brainseg_dist.preprocess import normalize
+from brainseg_dist.train.setup import compile_model, uses_cuda_graphs
 
 
 def _cycle(make: Callable[[], Any]) -> Iterator:
@@ -122,6 +123,20 @@ def _model(base_width: int, channels_last: bool, device: torch.device) -> torch.
     torch.manual_seed(0)  # the same initial weights for every pipeline
     return build_model(base_width, DEPTH, channels_last).to(device).train()
 
+def _new_pipeline(name: str, description: str, batches: Iterator, base_width: int,
+                  device: torch.device, amp: str, channels_last: bool = True,
+                  augment: bool | None = True, **options) -> Pipeline:
+    """A pipeline with a fresh model (the same initial weights for every pipeline) and its
+    own Adam. ``augment``: True, the project's batched device augmentation; False, batches
+    that come augmented (normalized on the device all the same); None, the baseline's float
+    batches, neither."""
+    model = _model(base_width, channels_last, device)
+    return Pipeline(
+        name, description, batches, model, torch.optim.Adam(model.parameters(), lr=LR),
+        device, torch.channels_last if channels_last else torch.contiguous_format, amp,
+        augment is not None, DeviceAugment(AugmentConfig()).to(device).train() if augment
+        else None, **options)
+
 def project_on_device(data: SliceData, device: torch.device) -> bool:
     """The project's default data path here (``data.on_device: auto``)."""
     return resolve_on_device("auto", device, data.images.nbytes + data.masks.nbytes,
@@ -159,12 +174,8 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
 
     def pipeline(name, description, batches, channels_last=True, amp=project_amp,
                  augment=True, data_on_device=on_device, workers=args.workers, **options):
-        model = _model(bw, channels_last, device)
-        return Pipeline(
-            name, description, batches, model, torch.optim.Adam(model.parameters(), lr=LR),
-            device, torch.channels_last if channels_last else torch.contiguous_format, amp,
-            augment is not None, DeviceAugment(aug_cfg).to(device).train() if augment else None,
-            **options,
+        return _new_pipeline(
+            name, description, batches, bw, device, amp, channels_last, augment, **options,
             settings={"channels_last": channels_last, "mixed_precision": amp,
                       "augmentation": "device (batched, Kornia)" if augment
                       else f"per-sample on CPU in {workers} loader workers",
@@ -209,22 +220,21 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
 
 def build_compile_pipelines(data: SliceData, args, device: torch.device,
                             mode: str = "default") -> list[Pipeline]:
-    """The project pipeline and the same with its model compiled (``torch.compile``, ``mode``)
-    (timed apart from the others, so a slow or failing compile costs only its own result)."""
+    """The project pipeline and the same with its model compiled as ``train.compile`` does
+    in ``mode`` (timed apart from the others, so a slow or failing compile costs only its
+    own result)."""
     on_device = project_on_device(data, device)
     amp = project_mixed_precision(device)
-    out = []
-    for name in ("project", "compiled"):
-        model = _model(args.base_width, True, device)
-        out.append(Pipeline(
-            name, f"project, with torch.compile of the model (mode {mode})"
-            if name == "compiled" else "project (eager), timed beside the compiled one",
-            data_batches(data, args.batch_size, device, on_device), model,
-            torch.optim.Adam(model.parameters(), lr=LR), device, torch.channels_last, amp,
-            True, DeviceAugment(AugmentConfig()).to(device).train(),
-            cudagraph_steps=name == "compiled" and mode == "reduce-overhead"))
-    out[1].model.compile(mode=None if mode == "default" else mode)
-    return out
+    eager, compiled = (
+        _new_pipeline(name, description, data_batches(data, args.batch_size, device, on_device),
+                      args.base_width, device, amp, **options)
+        for name, description, options in (
+            ("project", "project (eager), timed beside the compiled one", {}),
+            ("compiled", f"project, with torch.compile of the model (mode {mode})",
+             {"cudagraph_steps": uses_cuda_graphs(mode)})))
+    if not compile_model(compiled.model, mode):
+        raise RuntimeError("torch.compile is unavailable here")
+    return [eager, compiled]
 
 def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
     median = statistics.median(times)

@@ -92,6 +92,13 @@ def scaled_lr(cfg: Config, num_processes: int) -> float:
     return cfg.optim.lr * factor
 
 
+def uses_cuda_graphs(compile_mode: str) -> bool:
+    """Whether ``torch.compile`` in this mode replays CUDA graphs, whose outputs are reused:
+    each training step must then be marked as a new one
+    (``torch.compiler.cudagraph_mark_step_begin``)."""
+    return compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def compile_model(model: torch.nn.Module, mode: str = "default") -> bool:
     """``torch.compile`` the model's forward in place (:meth:`torch.nn.Module.compile`), so
     DDP, ``accelerator.unwrap_model`` and checkpoint keys see the plain U-Net. Where torch

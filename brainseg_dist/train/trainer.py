@@ -46,6 +46,7 @@ from brainseg_dist.train.setup import (
     prepare_data_dir,
     scaled_lr,
     split_for_run,
+    uses_cuda_graphs,
 )
 from brainseg_dist.train.step import LossReading, LossTracker, is_read_step
 
@@ -157,9 +158,7 @@ class Trainer(CheckpointState):
         # After the EMA's copy, which must run its own weights, not a compiled live model.
         self.compiled = cfg.train.compile and compile_model(acc.unwrap_model(self.model),
                                                             cfg.train.compile_mode)
-        # CUDA graph replays reuse their output memory: each step must say it is a new one.
-        self.cudagraph_steps = self.compiled and cfg.train.compile_mode in (
-            "reduce-overhead", "max-autotune")
+        self.cudagraph_steps = self.compiled and uses_cuda_graphs(cfg.train.compile_mode)
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
 
