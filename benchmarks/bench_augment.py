@@ -18,6 +18,7 @@ from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import AugmentConfig
 from brainseg_dist.data import SliceData
 from brainseg_dist.preprocess import normalize
+from brainseg_dist.train.setup import compile_model, compiles_augmentation, uses_cuda_graphs
 
 
 def _ms_per_call(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
@@ -32,8 +33,31 @@ def _ms_per_call(fn: Callable[[], Any], device: torch.device, iters: int) -> flo
     return (time.perf_counter() - t0) / iters * 1000
 
 
-def measure_augmentation(data: SliceData, args, device: torch.device,
-                         project_step_s: float) -> dict[str, Any]:
+def compiled_augment_ms(cfg: AugmentConfig, x: torch.Tensor, y: torch.Tensor,
+                        mode: str, iters: int) -> float | dict[str, str]:
+    """Milliseconds per call of ``DeviceAugment`` compiled as ``train.compile`` compiles it
+    in ``mode`` (each call marked as a new step where the mode replays CUDA graphs), after
+    three untimed calls (the compile and the graph recording); or the failure."""
+    augment = DeviceAugment(cfg).to(x.device).train()
+    graphs = uses_cuda_graphs(mode)
+
+    def call():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        augment(x, y)
+
+    try:
+        if not compile_model(augment, mode):
+            raise RuntimeError("torch.compile is unavailable here")
+        for _ in range(2):
+            call()
+        return _ms_per_call(call, x.device, iters)
+    except Exception as exc:
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def measure_augmentation(data: SliceData, args, device: torch.device, project_step_s: float,
+                         compile_modes: list[str] = ()) -> dict[str, Any]:
     """Augmentation cost per batch of ``args.batch_size`` and its share of a training step.
 
     Args:
@@ -41,6 +65,8 @@ def measure_augmentation(data: SliceData, args, device: torch.device,
         args: the benchmark's options (``batch_size``, ``loader_batches``).
         device: where the batches and Kornia run.
         project_step_s: the project pipeline's median training step, in seconds.
+        compile_modes: with ``train.compile`` on, the augmentation is compiled where
+            :func:`compiles_augmentation`; it is then timed compiled in each of these modes.
 
     Returns:
         ``normalize_ms``, ``augment_ms`` (geometry, mask threshold and the configured
@@ -49,7 +75,8 @@ def measure_augmentation(data: SliceData, args, device: torch.device,
         against the sequential Kornia ops), ``ops_ms`` (each sequential Kornia op on the
         stacked image+mask batch), ``fused_geometry_ms`` (the one-grid geometry alone),
         ``augment_share_of_step``, ``augment_other_share_of_step`` and
-        ``input_share_of_step`` (normalization + augmentation).
+        ``input_share_of_step`` (normalization + augmentation); ``augment_compiled_ms``
+        (mode: the default augmentation compiled) where it is compiled.
     """
     images, masks, _ = next(data_batches(data, args.batch_size, device,
                                          project_on_device(data, device), seed=2))
@@ -72,6 +99,9 @@ def measure_augmentation(data: SliceData, args, device: torch.device,
                    for op in sequential.geometric},
         "fused_geometry_ms": _ms_per_call(lambda: fused.geometric(stacked), device, iters),
     }
+    if compile_modes and compiles_augmentation(device):
+        out["augment_compiled_ms"] = {mode: compiled_augment_ms(cfg, x, y, mode, iters)
+                                      for mode in compile_modes}
     step_ms = project_step_s * 1000
     out["project_step_ms"] = step_ms
     out["augment_share_of_step"] = out["augment_ms"] / step_ms

@@ -84,6 +84,11 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
               _f(au["augment_share_of_step"], "{:.1%}"))
     t.add_row(f"DeviceAugment, {other} geometry (augment.fused toggled)",
               _f(au["augment_other_ms"]), _f(au["augment_other_share_of_step"], "{:.1%}"))
+    for mode, ms in au.get("augment_compiled_ms", {}).items():
+        share = res["summary"].get("augment_compiled_share_of_step", {}).get(mode)
+        t.add_row(f"DeviceAugment, {default}, compiled (mode {mode}); share of the compiled "
+                  "step", _f(ms) if isinstance(ms, float) else "failed",
+                  _f(share, "{:.1%}"))
     for name, ms in [*au["ops_ms"].items(), ("one-grid geometry", au["fused_geometry_ms"])]:
         t.add_row(f"  {name} alone", _f(ms), _f(ms / au["project_step_ms"], "{:.1%}"))
     t.add_row("project training step", _f(au["project_step_ms"]), "100%")

@@ -32,7 +32,11 @@ from brainseg_dist.data.loader import make_loader
 from brainseg_dist.metrics import bce_dice_loss
 from brainseg_dist.model import build_model
 from brainseg_dist.preprocess import normalize
-from brainseg_dist.train.setup import compile_model, uses_cuda_graphs
+from brainseg_dist.train.setup import (
+    compile_for_training,
+    compiles_augmentation,
+    uses_cuda_graphs,
+)
 
 
 def _cycle(make: Callable[[], Any]) -> Iterator:
@@ -225,14 +229,15 @@ def build_compile_pipelines(data: SliceData, args, device: torch.device,
     own result)."""
     on_device = project_on_device(data, device)
     amp = project_mixed_precision(device)
+    augment_too = " and the augmentation" if compiles_augmentation(device) else ""
     eager, compiled = (
         _new_pipeline(name, description, data_batches(data, args.batch_size, device, on_device),
                       args.base_width, device, amp, **options)
         for name, description, options in (
             ("project", "project (eager), timed beside the compiled one", {}),
-            ("compiled", f"project, with torch.compile of the model (mode {mode})",
+            ("compiled", f"project, with torch.compile of the model{augment_too} (mode {mode})",
              {"cudagraph_steps": uses_cuda_graphs(mode)})))
-    if not compile_model(compiled.model, mode):
+    if not compile_for_training(compiled.model, compiled.augment, device, mode):
         raise RuntimeError("torch.compile is unavailable here")
     return [eager, compiled]
 

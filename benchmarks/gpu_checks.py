@@ -11,7 +11,9 @@ Each ``check_*`` function takes a :class:`~brainseg_dist.train.Trainer` and retu
 * ``check_no_host_sync``: steps between two loss reads never wait on the device, under
   ``torch.cuda.set_sync_debug_mode("warn")`` on CUDA, every warning collected with the line
   that made it (the host-sync counter on CPU);
-* ``check_no_host_sync_fused``: the same with the one-grid geometry (``augment.fused``).
+* ``check_no_host_sync_fused``: the same with the one-grid geometry (``augment.fused``);
+* ``check_compiled_augment_draws``: the augmentation compiled as ``train.compile`` compiles it
+  (CUDA graphs) still draws anew in every step, at the configured rates.
 
 No pytest is needed (the GPU machine may lack it): ``python benchmarks/gpu_checks.py checks``
 runs them all and writes JSON; ``tests/test_gpu.py`` runs the same functions under pytest
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import resource
 import sys
@@ -46,6 +49,7 @@ from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import load_config
 from brainseg_dist.io import atomic_write_json
 from brainseg_dist.train import Trainer, run_training
+from brainseg_dist.train.setup import compile_for_training
 from brainseg_dist.train.step import LossTracker
 
 CONVS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
@@ -209,9 +213,43 @@ def check_no_host_sync_fused(trainer: Trainer) -> dict[str, Any]:
         trainer.augment = kept
 
 
+def check_compiled_augment_draws(trainer: Trainer, n: int = 512, calls: int = 4
+                                  ) -> dict[str, Any]:
+    """The default augmentation compiled as ``train.compile`` compiles it (mode
+    reduce-overhead: CUDA graphs replay Kornia's random draws; on CPU, where training leaves
+    it eager, through dynamo and AOT autograd) still draws anew in every step: in each of
+    ``calls`` calls on ``n`` copies of one asymmetric slice, the share left untouched is
+    ``(1 - hflip_p)(1 - vflip_p)(1 - rotation_p)(1 - elastic_p)`` within 4.5 standard
+    errors, and no two calls agree."""
+    device, cfg = trainer.accelerator.device, trainer.cfg.augment
+    augment = DeviceAugment(cfg).to(device).train()
+    if device.type == "cuda":
+        model = torch.nn.Identity()
+        assert compile_for_training(model, augment, device, "reduce-overhead")
+    else:
+        augment.compile(backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 64, 64, generator=g).expand(n, 3, 64, 64).contiguous().to(device)
+    y = (x[:, :1] > 0.5).float()
+    expected = ((1 - cfg.hflip_p) * (1 - cfg.vflip_p) * (1 - cfg.rotation_p)
+                * (1 - cfg.elastic_p))
+    bound = 4.5 * (expected * (1 - expected) / n) ** 0.5
+    outputs, untouched = [], []
+    for _ in range(calls):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = augment(x, y)[0].clone()  # graph outputs are overwritten by the next replay
+        outputs.append(out)
+        untouched.append(float(((out - x).abs().amax((1, 2, 3)) < 1e-4).float().mean()))
+    assert all(abs(u - expected) <= bound for u in untouched), (untouched, expected, bound)
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(outputs)), "repeated draws"
+    return {"untouched_share": untouched, "expected": expected, "bound": bound,
+            "compiled": "reduce-overhead" if device.type == "cuda" else "aot_eager"}
+
+
 CHECKS = {"bf16_autocast": check_bf16_autocast, "channels_last": check_channels_last,
           "kornia_on_device": check_kornia_on_device, "device_batches": check_device_batches,
-          "no_host_sync": check_no_host_sync, "no_host_sync_fused": check_no_host_sync_fused}
+          "no_host_sync": check_no_host_sync, "no_host_sync_fused": check_no_host_sync_fused,
+          "compiled_augment_draws": check_compiled_augment_draws}
 
 
 def run_checks(device: str, work: Path) -> dict[str, Any]:
@@ -302,6 +340,11 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
         # The same with augment.fused toggled (one sampling grid vs the sequential Kornia ops).
         "augment_share_of_step_other_geometry": _criterion(
             sm.get("augment_other_share_of_step"), 0.15, at_most=True),
+        # The default geometry compiled with the model (train.compile, reduce-overhead), of
+        # the compiled step.
+        "augment_share_of_compiled_step": _criterion(
+            (sm.get("augment_compiled_share_of_step") or {}).get("reduce-overhead"), 0.15,
+            at_most=True),
     }
     steps = {}
     if steps_file is not None and steps_file.is_file():

@@ -171,6 +171,13 @@ def _compiled_training(data, args: argparse.Namespace, device: torch.device,
     except Exception as exc:
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
 
+def _compile_modes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The torch.compile modes measured: none without ``--compile``."""
+    if not args.compile:
+        return []
+    return args.compile_modes or (["default", "reduce-overhead"] if device.type == "cuda"
+                                  else ["default"])
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement in turn; with ``--json``, the sections measured so far are written
     there (``complete: false``) after each long one, so a run cut off at a time limit keeps
@@ -205,9 +212,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         args)
         save_partial(res)
 
+        compile_modes = _compile_modes(args, device)
         console.print("augmentation ...")
         res["augment"] = measure_augmentation(data, args, device,
-                                              res["train"]["project"]["median_step_s"])
+                                              res["train"]["project"]["median_step_s"],
+                                              compile_modes)
 
         console.print("loader ...")
         res["loader"] = _loader_against_training(data, args, device, res["train"])
@@ -218,8 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.compile:  # last of the training measurements: the slowest and likeliest to fail
             res["train"]["compile"] = {}
-            for mode in args.compile_modes or (
-                    ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]):
+            for mode in compile_modes:
                 res["train"]["compile"][mode] = _compiled_training(data, args, device, mode)
                 save_partial(res)
 
@@ -310,6 +318,10 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         s["compile"] = {mode: {k: r[k] for k in ("compile_seconds", "saved_per_step_s",
                                                  "break_even_steps", "ratio_vs_project")}
                         if "compile_seconds" in r else r for mode, r in tr["compile"].items()}
+        s["augment_compiled_share_of_step"] = {
+            mode: ms / (tr["compile"][mode]["median_step_s"] * 1000)
+            for mode, ms in res["augment"].get("augment_compiled_ms", {}).items()
+            if isinstance(ms, float) and "median_step_s" in tr["compile"].get(mode, {})}
     sc = res.get("scaling", {})
     if sc.get("status") == "ok":
         last = sc["runs"][-1]

@@ -225,6 +225,20 @@ def test_fused_elastic_displacement_has_kornias_distribution():
         assert _ks(kornia_ops[:, i], weaker[:, i]) > critical, i
 
 
+def test_compiled_kornia_ops_draw_the_eager_distribution():
+    """``train.compile`` compiles the augmentation on CUDA. Traced by dynamo (AOT autograd
+    here; CUDA graphs in ``gpu_checks``), Kornia's ops must still draw anew in each call, as
+    eager ones do: the dot's centroid and spread agree by the KS test of the fused one."""
+    n, critical = 2000, 1.95 * (2 / 2000) ** 0.5
+    eager = _dot_positions(DeviceAugment(AugmentConfig(**STRONG)), n, seed=7)
+    aug = DeviceAugment(AugmentConfig(**STRONG))
+    aug.geometric.compile(backend="aot_eager")
+    compiled = _dot_positions(aug, n, seed=8)
+    for i, name in enumerate(("centroid x", "centroid y", "spread")):
+        assert _ks(eager[:, i], compiled[:, i]) < critical, name
+    assert not torch.equal(compiled, _dot_positions(aug, n, seed=9))
+
+
 def test_fused_augment_keeps_image_and_mask_together():
     cfg = AugmentConfig(rotation_p=1.0, hflip_p=0.5, vflip_p=0.5, elastic_p=1.0, fused=True)
     images, masks = _batch()

@@ -137,6 +137,11 @@ def test_cut_off_run_keeps_finished_sections_and_a_failed_compile(tmp_path, monk
 
     monkeypatch.setattr(throughput, "build_compile_pipelines", no_compiler)
     monkeypatch.setattr(throughput, "measure_scaling", cut_off)
+    # The augmentation compiles as on CUDA, through dynamo (inductor would take a minute).
+    import bench_augment
+    monkeypatch.setattr(bench_augment, "compiles_augmentation", lambda _device: True)
+    monkeypatch.setattr(bench_augment, "compile_model",
+                        lambda module, _mode: module.compile(backend="aot_eager") or True)
     out = tmp_path / "bench.json"
     args = throughput.parse_args(["--tiny", "--device", "cpu", "--compile", "--compile-budget",
                                   "1", "--json", str(out)])
@@ -151,14 +156,21 @@ def test_cut_off_run_keeps_finished_sections_and_a_failed_compile(tmp_path, monk
     assert _positive(res["train"]["project"]["images_per_s"])
     assert "summary" not in res
     assert res["inference"]["compile"]["status"] == "unavailable"  # past its 1 s budget
+    compiled_ms = res["augment"]["augment_compiled_ms"]["default"]
+    assert _positive(compiled_ms)
     res["summary"] = throughput.summarize(res)
     assert res["summary"]["compile"]["default"]["status"] == "failed"
+    assert res["summary"]["augment_compiled_share_of_step"] == {}  # no compiled step to share
+    res["train"]["compile"]["default"]["median_step_s"] = compiled_ms / 1000 * 4
+    assert throughput.summarize(res)["augment_compiled_share_of_step"] == {
+        "default": pytest.approx(0.25)}
     res["load_average"]["end"] = None
     res["scaling"] = {"status": "skipped", "reason": "cut off"}
     with (tmp_path / "tables.txt").open("w") as f:
         throughput.print_tables(res, throughput.Console(file=f, width=200))
     tables = (tmp_path / "tables.txt").read_text()
     assert "torch.compile, mode default: failed (RuntimeError: no C compiler)" in tables
+    assert "DeviceAugment, sequential, compiled (mode default)" in tables
 
 
 @pytest.mark.slow
@@ -237,9 +249,12 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["all_checks_ok"]
     assert set(summary["checks"]) == {"bf16_autocast", "channels_last", "kornia_on_device",
-                                      "device_batches", "no_host_sync", "no_host_sync_fused"}
+                                      "device_batches", "no_host_sync", "no_host_sync_fused",
+                                      "compiled_augment_draws"}
     assert {name: s["exit_status"] for name, s in summary["steps"].items()} == {
         "kornia": 0, "checks": 0, "throughput": 0, "train": 0}
+    # Nothing is compiled in --cpu mode (and train.compile leaves a CPU's augmentation eager).
+    assert summary["criteria"].pop("augment_share_of_compiled_step")["value"] is None
     for name, c in summary["criteria"].items():
         assert _positive(c["value"]), name
         assert isinstance(c["met"], bool), name

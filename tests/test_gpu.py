@@ -62,3 +62,8 @@ def test_no_host_sync_inside_a_step_with_the_one_grid_geometry(trainer):
     seen = gpu_checks.check_no_host_sync_fused(trainer)
     assert seen["augment"] == "fused"
     assert seen["how"].startswith("torch.cuda.set_sync_debug_mode")
+
+
+def test_compiled_augmentation_draws_anew_under_cuda_graphs(trainer):
+    seen = gpu_checks.check_compiled_augment_draws(trainer)
+    assert seen["compiled"] == "reduce-overhead"

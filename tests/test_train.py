@@ -15,7 +15,8 @@ import torch
 from accelerate.state import AcceleratorState
 
 from brainseg_dist import checkpoint
-from brainseg_dist.config import load_config
+from brainseg_dist.augment import DeviceAugment
+from brainseg_dist.config import AugmentConfig, load_config
 from brainseg_dist.errors import NonFiniteLossError
 from brainseg_dist.model import build_model
 from brainseg_dist.train import (
@@ -24,6 +25,7 @@ from brainseg_dist.train import (
     resolve_mixed_precision,
     run_training,
     scaled_lr,
+    setup,
 )
 from brainseg_dist.train import trainer as train_module
 from brainseg_dist.train.step import LossTracker
@@ -234,6 +236,22 @@ def test_compile_builds_a_compiled_model_with_plain_weights(synth_root, tmp_path
     assert model._compiled_call_impl is not None  # what Module.compile() sets
     assert trainer.ema.model._compiled_call_impl is None
     assert set(model.state_dict()) == set(build_model(4, 4).state_dict())  # checkpoint keys
+
+
+def test_train_compile_compiles_the_augmentation_on_cuda_only(monkeypatch):
+    """On CUDA the Kornia ops are launch-bound and compile with the model (same mode); on a
+    CPU inductor's code for them measured slower, so they stay eager there."""
+    compiled = []
+    monkeypatch.setattr(setup, "compile_model",
+                        lambda module, mode: compiled.append((type(module).__name__, mode))
+                        or True)
+    model, augment = torch.nn.Identity(), DeviceAugment(AugmentConfig())
+    for device in ("cpu", "cuda"):
+        compiled.clear()
+        assert setup.compile_for_training(model, augment, torch.device(device),
+                                          "reduce-overhead")
+        both = [("Identity", "reduce-overhead"), ("DeviceAugment", "reduce-overhead")]
+        assert compiled == (both if device == "cuda" else both[:1]), device
 
 
 def test_validation_runs_a_compiled_model_eagerly(synth_root, tmp_path):

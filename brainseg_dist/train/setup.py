@@ -99,6 +99,29 @@ def uses_cuda_graphs(compile_mode: str) -> bool:
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 
+def compiles_augmentation(device: torch.device) -> bool:
+    """Whether ``train.compile`` also compiles :class:`~brainseg_dist.augment.DeviceAugment`:
+    on CUDA, where the sequential Kornia ops are launch-bound (6.7 of a 23.5 ms step on an
+    H200, benchmarks/README.md). On a CPU, inductor's code for them measured 1.2x slower than
+    eager (batch 32, 128², 1 and 2 threads), so there they stay eager."""
+    return device.type == "cuda"
+
+
+def compile_for_training(model: torch.nn.Module, augment: torch.nn.Module,
+                         device: torch.device, mode: str = "default") -> bool:
+    """``train.compile``: the model through :func:`compile_model`, and the augmentation with
+    it where :func:`compiles_augmentation` (the same mode: under CUDA graphs both replay in
+    the step that :func:`torch.compiler.cudagraph_mark_step_begin` marks).
+
+    Returns:
+        Whether the model is compiled.
+    """
+    compiled = compile_model(model, mode)
+    if compiled and compiles_augmentation(device):
+        compile_model(augment, mode)
+    return compiled
+
+
 def compile_model(model: torch.nn.Module, mode: str = "default") -> bool:
     """``torch.compile`` the model's forward in place (:meth:`torch.nn.Module.compile`), so
     DDP, ``accelerator.unwrap_model`` and checkpoint keys see the plain U-Net. Where torch

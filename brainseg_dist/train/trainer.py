@@ -39,7 +39,7 @@ from brainseg_dist.train.persistence import CheckpointState
 from brainseg_dist.train.report import log_scalars, overlay_grid, print_row
 from brainseg_dist.train.setup import (
     REFERENCE_BATCH,
-    compile_model,
+    compile_for_training,
     global_batch,
     make_accelerator,
     make_scheduler,
@@ -156,8 +156,8 @@ class Trainer(CheckpointState):
         self.ema = (WeightEMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
                     if cfg.train.ema_decay > 0 else None)
         # After the EMA's copy, which must run its own weights, not a compiled live model.
-        self.compiled = cfg.train.compile and compile_model(acc.unwrap_model(self.model),
-                                                            cfg.train.compile_mode)
+        self.compiled = cfg.train.compile and compile_for_training(
+            acc.unwrap_model(self.model), self.augment, acc.device, cfg.train.compile_mode)
         self.cudagraph_steps = self.compiled and uses_cuda_graphs(cfg.train.compile_mode)
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
