@@ -3,7 +3,11 @@ normalization, device augmentation, loss and mixed-precision rule, as training u
 against the baseline and each optimization switched off; and the data path against training.
 
 Steps are timed in blocks (one device sync at each end of a round's steps, none between), so
-a step that never waits on the device can overlap the next one, as in training."""
+a step that never waits on the device can overlap the next one, as in training. After the block
+of a pipeline fed by loader workers, the next block waits until those workers have refilled
+their prefetch buffer (:func:`wait_for_idle_workers`): otherwise they would run beside whichever
+pipeline is timed next, which on an H200 host slowed the project's launch-bound step by a
+quarter (23.5 ms beside them, 18.2 ms without)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +42,39 @@ from brainseg_dist.train.setup import (
     compiles_augmentation,
     uses_cuda_graphs,
 )
+
+
+def _cpu_ticks(pids: list[int]) -> int | None:
+    """User + system CPU ticks of these processes (Linux ``/proc``), or None."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total
+
+
+def wait_for_idle_workers(batches: Iterator, quiet_polls: int = 3, poll_s: float = 0.05,
+                          timeout_s: float = 30.0) -> float:
+    """Wait until the loader workers behind ``batches`` (a DataLoader iterator) have used no
+    CPU time for ``quiet_polls`` polls in a row: their prefetch buffer is full again.
+
+    Returns:
+        Seconds waited (0 without workers, or where their CPU time cannot be read).
+    """
+    pids = [w.pid for w in getattr(batches, "_workers", [])]
+    t0 = time.perf_counter()
+    last, quiet = _cpu_ticks(pids), 0
+    while pids and last is not None and quiet < quiet_polls:
+        if time.perf_counter() - t0 > timeout_s:
+            break
+        time.sleep(poll_s)
+        now = _cpu_ticks(pids)
+        quiet = quiet + 1 if now == last else 0
+        last = now
+    return time.perf_counter() - t0
 
 
 def _cycle(make: Callable[[], Any]) -> Iterator:
@@ -67,6 +105,7 @@ class Pipeline:
     cpu_times: list[float] = field(default_factory=list)
     scaler: Any = None
     first_step_s: float | None = None  # the first warm-up step (a compile, if any)
+    settle_s: float = 0.0  # waited, untimed, for its loader workers after its blocks
 
     def __post_init__(self):
         if self.amp == "fp16" and self.device.type == "cuda":
@@ -266,7 +305,8 @@ def _time_interleaved(pipelines: list[Pipeline], args) -> None:
     """Warm every pipeline up, then time ``steps`` steps each, interleaved in rounds (order
     reversed every other round) so a load change on the machine hits all of them alike.
     Each round's steps of a pipeline are timed as one block (``Pipeline.times`` holds one
-    per-step time per round)."""
+    per-step time per round); with ``args.settle``, a block fed by loader workers is
+    followed by :func:`wait_for_idle_workers`."""
     for p in pipelines:
         console.print(f"  warm-up: {p.name}")
         for i in range(max(args.warmup, 1)):  # at least one: the compile, if any, is here
@@ -280,6 +320,8 @@ def _time_interleaved(pipelines: list[Pipeline], args) -> None:
             p.times.append(p.timed_steps(n))
             console.print(f"  round {r + 1}/{args.rounds}: {p.name} "
                           f"{p.times[-1] * 1000:.0f} ms/step")
+            if args.settle:
+                p.settle_s += wait_for_idle_workers(p.batches)
 
 def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
     """Every pipeline timed by :func:`_time_interleaved`, against the baseline and (the
@@ -297,6 +339,8 @@ def measure_training(pipelines: list[Pipeline], args) -> dict[str, Any]:
         r["round_median_speedup_vs_baseline"] = _round_ratio(p, by_name["baseline"])
         if p.name != "baseline" and not p.name.startswith("baseline_"):
             r["first_step_s"] = p.first_step_s
+        if p.settle_s:
+            r["settle_s"] = round(p.settle_s, 3)
         if p.name not in ("baseline", "project"):
             r["ratio_vs_project"] = r["images_per_s"] / project["images_per_s"]
             r["ratio_vs_project_best"] = r["best_images_per_s"] / project["best_images_per_s"]

@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time the baseline with these loader worker counts (its best "
                         "one is reported beside --workers)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--settle", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each timed block of a pipeline fed by loader workers, wait "
+                        "(untimed) until they have refilled their buffer, so they do not run "
+                        "beside the next pipeline's block")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="measure torch.compile: inference, and a compiled training pipeline "
                         "(default: on in full mode, off in --quick)")
@@ -145,7 +149,7 @@ def _timed_pipelines(pipelines: list, measure, args: argparse.Namespace) -> dict
 def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in (
         "mode", "batch_size", "image_size", "base_width", "steps", "warmup", "rounds",
-        "workers", "baseline_workers", "infer_batches", "compile", "scaling")}
+        "workers", "baseline_workers", "infer_batches", "compile", "scaling", "settle")}
     return {**out, "depth": DEPTH, "project_mixed_precision": project_mixed_precision(device)}
 
 def _loader_against_training(data, args: argparse.Namespace, device: torch.device,

@@ -10,9 +10,12 @@ import json
 import math
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import REPO
+from torch.utils.data import DataLoader, Dataset
 
 from brainseg_dist.train.setup import resolve_mixed_precision
 
@@ -121,6 +124,42 @@ def test_tiny_run_writes_every_ratio(tmp_path):
         f"{name}_ratio_vs_project" for name in ABLATIONS if name != "no_device_augment"}
     assert isinstance(summary["project_defaults_slower_than_alternative"], list)
     assert isinstance(res["warnings"], list)
+
+
+class _CpuBoundItems(Dataset):
+    """Items that cost 50 ms of CPU each (as decoding and augmenting do), counted in a file."""
+
+    def __init__(self, made: Path):
+        self.made = made
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> int:
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+        with self.made.open("ab") as f:
+            f.write(b".")
+        return i
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_settle_waits_until_loader_workers_have_refilled(tmp_path):
+    """After a block that took batches from loader workers, the next block starts once they
+    are idle again, with their prefetch buffer full (4 batches here), not while they work."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_training import wait_for_idle_workers
+
+    made = tmp_path / "made"
+    batches = iter(DataLoader(_CpuBoundItems(made), batch_size=1, num_workers=1,
+                              prefetch_factor=4))
+    for _ in range(6):
+        next(batches)
+    assert made.stat().st_size < 6 + 4  # still refilling
+    assert wait_for_idle_workers(batches) > 0
+    assert made.stat().st_size == 6 + 4
+    assert wait_for_idle_workers(iter(range(3))) == pytest.approx(0, abs=0.04)  # no workers
 
 
 def test_cut_off_run_keeps_finished_sections_and_a_failed_compile(tmp_path, monkeypatch):
