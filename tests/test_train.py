@@ -254,6 +254,29 @@ def test_train_compile_compiles_the_augmentation_on_cuda_only(monkeypatch):
         assert compiled == (both if device == "cuda" else both[:1]), device
 
 
+def test_augmentation_that_fails_to_compile_runs_eagerly(monkeypatch, capsys):
+    """A compiled call that fails warns once and leaves the module eager; errors that eager
+    code raises too still reach the caller."""
+    def broken_compile(module, _mode):
+        def fails(*_args, **_kwargs):
+            raise RuntimeError("InductorError: cannot lower op\nlong traceback")
+        module._compiled_call_impl = fails
+        return True
+
+    monkeypatch.setattr(setup, "compile_model", broken_compile)
+    augment = DeviceAugment(AugmentConfig(enabled=False))
+    setup.compile_or_eager(augment, "reduce-overhead")
+    images, masks = torch.rand(2, 3, 8, 8), torch.zeros(2, 1, 8, 8)
+    assert augment(images, masks)[0] is images  # eager: disabled augmentation is the identity
+    assert augment._compiled_call_impl is None
+    said = capsys.readouterr().err
+    assert said.count("did not compile") == 1
+    assert "DeviceAugment did not compile (RuntimeError: InductorError: cannot lower op)" in (
+        " ".join(said.split()))
+    with pytest.raises(TypeError):
+        augment(images)  # a caller's mistake is not swallowed
+
+
 def test_validation_runs_a_compiled_model_eagerly(synth_root, tmp_path):
     """Validation (eval mode, a last smaller batch) would compile again; it runs eagerly,
     and compiled calls after it compile as before (the stance is put back)."""

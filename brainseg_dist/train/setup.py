@@ -118,8 +118,30 @@ def compile_for_training(model: torch.nn.Module, augment: torch.nn.Module,
     """
     compiled = compile_model(model, mode)
     if compiled and compiles_augmentation(device):
-        compile_model(augment, mode)
+        compile_or_eager(augment, mode)
     return compiled
+
+
+def compile_or_eager(module: torch.nn.Module, mode: str) -> None:
+    """:func:`compile_model`, but a compiled call that fails (compiling happens at the first
+    call of each input shape) warns once and runs the module eagerly from then on: Kornia
+    code that inductor cannot compile must not stop a training run. An error that eager
+    code raises too is still raised."""
+    if not compile_model(module, mode):
+        return
+    compiled = module._compiled_call_impl  # what Module.compile() calls in place of forward
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            warn(f"train.compile: {type(module).__name__} did not compile ({reason}); it "
+                 "runs eagerly")
+            module._compiled_call_impl = None
+            return module._call_impl(*args, **kwargs)
+
+    module._compiled_call_impl = call
 
 
 def compile_model(model: torch.nn.Module, mode: str = "default") -> bool:
