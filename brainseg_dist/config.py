@@ -132,7 +132,7 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
     log_every: int = 25  # steps between loss reads: one host sync each, none in between
-    compile: bool = False  # torch.compile the training model (first steps pay the compile)
+    compile: bool = False  # torch.compile the model (+ augmentation on CUDA); first steps slow
     compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs (measured on GPUs)
 
 
