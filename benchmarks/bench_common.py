@@ -1,4 +1,5 @@
-"""Shared helpers of the throughput benchmark: timing, hardware facts, seeds, constants."""
+"""Shared helpers of the throughput benchmark: timing, hardware facts, seeds, constants, and
+waiting for loader workers to go idle between timed blocks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.metadata
 import os
 import platform
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +97,36 @@ def project_mixed_precision(device: torch.device) -> str:
     if mode is None:  # launched under an accelerate config: it decides
         mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     return mode
+
+
+def _cpu_ticks(pids: list[int]) -> int | None:
+    """User + system CPU ticks of these processes (Linux ``/proc``), or None."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total
+
+
+def wait_for_idle_workers(batches: Iterator, quiet_polls: int = 3, poll_s: float = 0.05,
+                          timeout_s: float = 30.0) -> float:
+    """Wait until the loader workers behind ``batches`` (a DataLoader iterator) have used no
+    CPU time for ``quiet_polls`` polls in a row: their prefetch buffer is full again.
+
+    Returns:
+        Seconds waited (0 without workers, or where their CPU time cannot be read).
+    """
+    pids = [w.pid for w in getattr(batches, "_workers", [])]
+    t0 = time.perf_counter()
+    last, quiet = _cpu_ticks(pids), 0
+    while pids and last is not None and quiet < quiet_polls:
+        if time.perf_counter() - t0 > timeout_s:
+            break
+        time.sleep(poll_s)
+        now = _cpu_ticks(pids)
+        quiet = quiet + 1 if now == last else 0
+        last = now
+    return time.perf_counter() - t0

@@ -16,7 +16,6 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,14 @@ from baseline import (
     Uint8AugmentDataset,
     per_sample_loader,
 )
-from bench_common import DEPTH, LR, _amp_dtype, _sync, project_mixed_precision
+from bench_common import (
+    DEPTH,
+    LR,
+    _amp_dtype,
+    _sync,
+    project_mixed_precision,
+    wait_for_idle_workers,
+)
 
 from brainseg_dist.augment import DeviceAugment
 from brainseg_dist.config import AugmentConfig, DataConfig
@@ -42,39 +48,6 @@ from brainseg_dist.train.setup import (
     compiles_augmentation,
     uses_cuda_graphs,
 )
-
-
-def _cpu_ticks(pids: list[int]) -> int | None:
-    """User + system CPU ticks of these processes (Linux ``/proc``), or None."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total
-
-
-def wait_for_idle_workers(batches: Iterator, quiet_polls: int = 3, poll_s: float = 0.05,
-                          timeout_s: float = 30.0) -> float:
-    """Wait until the loader workers behind ``batches`` (a DataLoader iterator) have used no
-    CPU time for ``quiet_polls`` polls in a row: their prefetch buffer is full again.
-
-    Returns:
-        Seconds waited (0 without workers, or where their CPU time cannot be read).
-    """
-    pids = [w.pid for w in getattr(batches, "_workers", [])]
-    t0 = time.perf_counter()
-    last, quiet = _cpu_ticks(pids), 0
-    while pids and last is not None and quiet < quiet_polls:
-        if time.perf_counter() - t0 > timeout_s:
-            break
-        time.sleep(poll_s)
-        now = _cpu_ticks(pids)
-        quiet = quiet + 1 if now == last else 0
-        last = now
-    return time.perf_counter() - t0
 
 
 def _cycle(make: Callable[[], Any]) -> Iterator:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_summary import summarize
 from host_syncs import HostSyncCounter
 
 from brainseg_dist.augment import DeviceAugment
@@ -302,76 +303,6 @@ def run_train(config: str | None, epochs: int, patients: int, work: Path,
     else:
         out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _criterion(value: float | None, target: float, at_most: bool = False) -> dict[str, Any]:
-    met = None if value is None else (value <= target if at_most else value >= target)
-    return {"value": value, "target": f"{'<=' if at_most else '>='} {target}", "met": met}
-
-
-def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
-    """The issue's targets against what ``checks.json``, ``throughput.json`` and
-    ``train.json`` in ``out`` hold (``met: null`` where a result is missing)."""
-    checks = _load(out / "checks.json") or {}
-    bench = _load(out / "throughput.json") or {}
-    train = _load(out / "train.json") or {}
-    train_fast = _load(out / "train_fast.json") or {}
-    tr, sm = bench.get("train", {}), bench.get("summary", {})
-    base = tr.get("baseline", {}).get("images_per_s")
-    project = tr.get("project", {}).get("images_per_s")
-    criteria = {
-        "project_vs_baseline_default_workers": _criterion(
-            project / base if project and base else None, 10),
-        "project_vs_best_baseline": _criterion(sm.get("project_speedup_vs_best_baseline"), 10),
-        # Against the lesser of the baseline's steps and its loader alone (4 workers).
-        "project_vs_baseline_sustained": _criterion(
-            sm.get("project_speedup_vs_sustained_baseline"), 10),
-        "data_path_over_training": _criterion(bench.get("loader", {}).get("loader_over_train"),
-                                              3),
-        "augment_share_of_step": _criterion(sm.get("augment_share_of_step"), 0.15,
-                                            at_most=True),
-        # The same with augment.fused toggled (one sampling grid vs the sequential Kornia ops).
-        "augment_share_of_step_other_geometry": _criterion(
-            sm.get("augment_other_share_of_step"), 0.15, at_most=True),
-        # The default geometry compiled with the model (train.compile, reduce-overhead), of
-        # the compiled step.
-        "augment_share_of_compiled_step": _criterion(
-            (sm.get("augment_compiled_share_of_step") or {}).get("reduce-overhead"), 0.15,
-            at_most=True),
-    }
-    steps = {}
-    if steps_file is not None and steps_file.is_file():
-        for line in steps_file.read_text().splitlines():
-            name, rc, seconds = line.split()
-            steps[name] = {"exit_status": int(rc), "seconds": float(seconds)}
-    return {
-        "device": bench.get("hardware", {}).get("device_name"),
-        "criteria": criteria,
-        "checks": {name: r.get("ok") for name, r in checks.items()},
-        "baseline_workers_images_per_s": tr.get("baseline_workers"),
-        "project_images_per_s": project,
-        "compile": sm.get("compile"),
-        # Each compiled pipeline against the baseline, through the eager project it was timed
-        # beside (the compiled ones run after the baseline's rounds).
-        "compiled_vs_baseline_default_workers": {
-            mode: c["ratio_vs_project"] * project / base
-            for mode, c in (sm.get("compile") or {}).items()
-            if project and base and "ratio_vs_project" in c},
-        **{name: {k: run.get(k) for k in ("train_images_per_second",
-                                          "train_images_per_second_after_first",
-                                          "val_dice_patient_mean", "peak_memory_gb",
-                                          "peak_rss_gb", "wall_seconds")}
-           for name, run in (("train", train), ("train_fast", train_fast))},
-        "steps": steps,
-        "all_checks_ok": bool(checks) and all(r.get("ok") for r in checks.values()),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,7 +149,7 @@ def test_settle_waits_until_loader_workers_have_refilled(tmp_path):
     """After a block that took batches from loader workers, the next block starts once they
     are idle again, with their prefetch buffer full (4 batches here), not while they work."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_training import wait_for_idle_workers
+    from bench_common import wait_for_idle_workers
 
     made = tmp_path / "made"
     batches = iter(DataLoader(_CpuBoundItems(made), batch_size=1, num_workers=1,
