@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_common import _sync
+from bench_common import _sync, failure
 from bench_training import data_batches, project_on_device
 
 from brainseg_dist.augment import DeviceAugment
@@ -53,7 +53,7 @@ def compiled_augment_ms(cfg: AugmentConfig, x: torch.Tensor, y: torch.Tensor,
             call()
         return _ms_per_call(call, x.device, iters)
     except Exception as exc:
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+        return failure(exc)
 
 
 def measure_augmentation(data: SliceData, args, device: torch.device, project_step_s: float,

@@ -99,6 +99,11 @@ def project_mixed_precision(device: torch.device) -> str:
     return mode
 
 
+def failure(exc: Exception) -> dict[str, str]:
+    """A measurement that failed, as its section records it (the reason cut at 2,000 chars)."""
+    return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
 def _cpu_ticks(pids: list[int]) -> int | None:
     """User + system CPU ticks of these processes (Linux ``/proc``), or None."""
     total = 0

@@ -39,7 +39,14 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_augment import measure_augmentation
-from bench_common import DEPTH, SCHEMA_VERSION, _load_average, hardware, project_mixed_precision
+from bench_common import (
+    DEPTH,
+    SCHEMA_VERSION,
+    _load_average,
+    failure,
+    hardware,
+    project_mixed_precision,
+)
 from bench_data import measure_decode, prepare_data
 from bench_inference import measure_inference
 from bench_report import print_tables
@@ -173,7 +180,7 @@ def _compiled_training(data, args: argparse.Namespace, device: torch.device,
         return _timed_pipelines(build_compile_pipelines(data, args, device, mode),
                                 measure_compile, args)
     except Exception as exc:
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+        return failure(exc)
 
 def _compile_modes(args: argparse.Namespace, device: torch.device) -> list[str]:
     """The torch.compile modes measured: none without ``--compile``."""
