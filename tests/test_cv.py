@@ -127,6 +127,26 @@ def test_cv_rerun_skips_finished_folds_and_refuses_another_plan(cv_run, synth_ro
     assert elsewhere.returncode == 1
     assert "existing cross-validation is of" in elsewhere.stdout + elsewhere.stderr
     assert "Traceback" not in other.stderr
+    resplit = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV,
+                       "--split-seed", "5"])
+    assert resplit.returncode == 1
+    assert "seed=0, this call 5" in resplit.stdout + resplit.stderr
+
+
+def test_split_seed_keeps_the_folds_while_the_training_seed_changes(synth_root):
+    from brainseg_dist.config import load_config
+    from brainseg_dist.cv import make_plan
+
+    def plan(seed, split_seed=None):
+        cfg = load_config(None, {"data.data_dir": str(synth_root), "data.image_size": 32,
+                                 "train.seed": seed})
+        return make_plan(cfg, 3, 0.2, split_seed)
+
+    first, reseeded = plan(0), plan(1, split_seed=0)
+    assert reseeded["splits"] == first["splits"]
+    assert reseeded["seed"] == 0
+    assert reseeded["config_hash"] != first["config_hash"]  # the training seed is in the hash
+    assert plan(1)["splits"] != first["splits"]  # without it the seed moves the folds
 
 
 @pytest.fixture(scope="module")

@@ -156,10 +156,13 @@ main.add_command(train_command)
 @click.option("--fold", "only_fold", type=click.IntRange(min=0), default=None,
               help="Train only this fold (0-based), e.g. one job per fold; the summary is "
                    "written by the call that finds every fold finished.")
+@click.option("--split-seed", type=int, default=None,
+              help="Seed of the folds (default: --seed). Fix it and vary --seed to retrain "
+                   "the same folds with other seeds.")
 @reports_errors
 def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool | None,
                skip_invalid: bool | None, folds: int, val_fraction: float,
-               only_fold: int | None, **options) -> None:
+               only_fold: int | None, split_seed: int | None, **options) -> None:
     """Patient-level K-fold cross-validation of a config over the patients of --data-dir.
 
     Trains every fold into --output-dir/fold_<k> (resumable), chooses post-processing on each
@@ -174,7 +177,7 @@ def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool |
     cfg = _config_from_options(config_path, set_pairs, cpu, skip_invalid, options)
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
     result = run_cv(cfg, cfg.train.output_dir, folds=folds, val_fraction=val_fraction,
-                    only_fold=only_fold, device=device)
+                    only_fold=only_fold, device=device, split_seed=split_seed)
     end_distributed()
     if result is not None:
         print_cv_summary(result.summary, result.out)

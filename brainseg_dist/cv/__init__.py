@@ -34,8 +34,13 @@ from brainseg_dist.errors import BrainsegError
 from brainseg_dist.io import atomic_write, atomic_write_json
 
 
-def make_plan(cfg: Config, folds: int, val_fraction: float) -> dict[str, Any]:
-    """Decode the dataset once (filling the cache) and deal its patients into folds."""
+def make_plan(cfg: Config, folds: int, val_fraction: float,
+              split_seed: int | None = None) -> dict[str, Any]:
+    """Decode the dataset once (filling the cache) and deal its patients into folds.
+
+    The folds are dealt with ``split_seed``, or with ``train.seed`` when it is None; a fixed
+    ``split_seed`` keeps the folds while ``train.seed`` changes the training (seed noise).
+    """
     from brainseg_dist.data import load_dataset
     from brainseg_dist.data.split import make_cv_splits, patient_burden
 
@@ -47,8 +52,9 @@ def make_plan(cfg: Config, folds: int, val_fraction: float) -> dict[str, Any]:
     if len(burden) < folds:
         raise BrainsegError(f"{cfg.data.data_dir}: {len(burden)} patients cannot fill "
                             f"{folds} folds")
-    splits = make_cv_splits(burden, folds, val_fraction, cfg.train.seed)
-    return {"folds": folds, "seed": cfg.train.seed, "val_fraction": val_fraction,
+    seed = cfg.train.seed if split_seed is None else split_seed
+    splits = make_cv_splits(burden, folds, val_fraction, seed)
+    return {"folds": folds, "seed": seed, "val_fraction": val_fraction,
             "data_dir": str(cfg.data.data_dir), "patients": len(burden),
             "config_hash": cfg.hash(), "splits": splits}
 
@@ -125,7 +131,7 @@ class CVResult:
 
 def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0.2,
            only_fold: int | None = None, batch_size: int = 16,
-           device: str = "cpu") -> CVResult | None:
+           device: str = "cpu", split_seed: int | None = None) -> CVResult | None:
     """Cross-validate ``cfg`` over the patients of ``cfg.data.data_dir``.
 
     Args:
@@ -136,6 +142,9 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
         only_fold: train this fold only (0-based) and stop; for folds run as separate jobs.
         batch_size: slices per forward pass in evaluation.
         device: where evaluation runs.
+        split_seed: seed of the folds (None: ``train.seed``). Two CVs with one split seed and
+            different ``train.seed`` test the same patients per fold, so ``brainseg compare``
+            pairs them: the seed-to-seed spread of a recipe.
 
     Returns:
         :class:`CVResult` once every fold has finished (None after ``only_fold``, or on
@@ -147,7 +156,7 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
     out = Path(out)
     if only_fold is not None and not 0 <= only_fold < folds:
         raise BrainsegError(f"--fold {only_fold}: expected 0..{folds - 1}")
-    plan = make_plan(cfg, folds, val_fraction)
+    plan = make_plan(cfg, folds, val_fraction, split_seed)
     plan_path = out / rundir.CV_PLAN
     if plan_path.is_file():
         saved = rundir.read_plan(out)
