@@ -9,6 +9,11 @@ between the runs say what changed.
 Choosing a recipe by such a comparison is model selection on the compared patients: the
 winner's cross-validated figure is then optimistic, and an unbiased number needs patients
 outside them.
+
+One training run per recipe also carries the seed's luck. With ``pool_seeds``, runs whose
+recipes differ only in ``train.seed`` are one recipe: each patient's Dice is averaged over its
+seeds before the recipes are compared, and the runs of one recipe are compared with each
+other, which measures that luck (the seed spread).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from brainseg_dist.metrics import bootstrap_ci
 TIE = 5e-4
 # Keys that say where a run lived, not what it did.
 LOCATION_KEYS = ("train.output_dir", "data.cache_dir")
+SEED_KEY = "train.seed"
 SELECTION_NOTE = ("choosing a recipe by this comparison selects on these patients: the "
                   "winner's CV figure is then optimistic; confirm it on patients outside them")
 
@@ -43,6 +49,11 @@ class CvRun:
     dice: pd.DataFrame  # one row per patient (index), one ``dice_<variant>`` column per variant
     test_folds: list[frozenset[str]]
     config: dict[str, Any]  # fold 0's config.yaml, flattened to ``section.key``
+    label: str = ""  # a pooled recipe's name (its runs joined with " + ")
+
+    @property
+    def name(self) -> str:
+        return self.label or str(self.path)
 
     @property
     def variants(self) -> list[str]:
@@ -129,44 +140,101 @@ def _check_same_patients(reference: CvRun, other: CvRun) -> None:
             "comparison needs the same patients")
 
 
-def compare_runs(paths: list[str | Path], seed: int = 0) -> dict[str, Any]:
+def _recipe(run: CvRun) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in run.config.items()
+                        if k not in (*LOCATION_KEYS, SEED_KEY)))
+
+
+def _pooled(runs: list[CvRun], seed: int) -> CvRun:
+    """One recipe's runs as one: each patient's Dice averaged over the runs (seeds)."""
+    if len(runs) == 1:
+        return runs[0]
+    dice = sum(r.dice.loc[runs[0].dice.index] for r in runs) / len(runs)
+    variants = {c.removeprefix("dice_"): {
+        "dice_patient_mean": float(dice[c].mean()),
+        "dice_patient_median": float(dice[c].median()),
+        "dice_patient_ci95": bootstrap_ci(dice[c].to_numpy(np.float64), seed=seed)}
+        for c in dice.columns if all(c in r.dice.columns for r in runs)}
+    config = {**runs[0].config, SEED_KEY: [r.config.get(SEED_KEY) for r in runs]}
+    return CvRun(runs[0].path, {"headline": runs[0].summary.get("headline"), "variants": variants},
+                 dice[[f"dice_{v}" for v in variants]], runs[0].test_folds, config,
+                 " + ".join(r.name for r in runs))
+
+
+def pool_seeds(runs: list[CvRun], seed: int = 0) -> tuple[list[CvRun], list[dict[str, Any]]]:
+    """Group runs whose recipes differ only in ``train.seed`` (first appearance first).
+
+    Returns:
+        The pooled runs (see :func:`_pooled`), and the seed spread: for every recipe with
+        several runs, the :func:`paired_difference` of each later run against its first.
+    """
+    groups: dict[tuple, list[CvRun]] = {}
+    for run in runs:
+        groups.setdefault(_recipe(run), []).append(run)
+    spread = [{"reference": group[0].name, "run": other.name,
+               "same_folds": set(group[0].test_folds) == set(other.test_folds),
+               "paired": {v: paired_difference(group[0].dice[f"dice_{v}"],
+                                               other.dice[f"dice_{v}"], seed)
+                          for v in group[0].variants if v in other.variants}}
+              for group in groups.values() for other in group[1:]]
+    return [_pooled(group, seed) for group in groups.values()], spread
+
+
+def compare_runs(paths: list[str | Path], seed: int = 0,
+                 pool: bool = False) -> dict[str, Any]:
     """Compare every CV run in ``paths[1:]`` with ``paths[0]``, patient by patient.
+
+    Args:
+        paths: ``brainseg cv`` directories; the first is the reference.
+        seed: bootstrap seed.
+        pool: treat runs that differ only in ``train.seed`` as one recipe (:func:`pool_seeds`)
+            and compare the recipes.
 
     Returns:
         ``reference``, ``runs`` (each run's own headline mean, median and CI per variant),
         ``comparisons`` (per compared run: ``same_folds``, ``config_changes`` and the
         :func:`paired_difference` of each variant both runs have), ``per_patient``
-        (``{run: {variant: {patient: Dice}}}``) and ``note``.
+        (``{run: {variant: {patient: Dice}}}``), ``seed_spread`` (with ``pool``) and
+        ``note``. A pooled recipe is named by its runs joined with `` + ``.
 
     Raises:
-        BrainsegError: fewer than two runs, or runs that tested different patients.
+        BrainsegError: fewer than two runs (recipes, with ``pool``), or runs that tested
+            different patients.
     """
     if len(paths) < 2:
         raise BrainsegError("compare needs at least two `brainseg cv` directories")
     runs = [load_cv_run(p) for p in paths]
+    for other in runs[1:]:
+        _check_same_patients(runs[0], other)
+    spread = None
+    if pool:
+        runs, spread = pool_seeds(runs, seed)
+        if len(runs) < 2:
+            raise BrainsegError("compare --pool-seeds: every run is one recipe (they differ "
+                                "at most in train.seed); nothing to compare it with")
     reference = runs[0]
     comparisons = []
     for other in runs[1:]:
-        _check_same_patients(reference, other)
         variants = [v for v in reference.variants if v in other.variants]
         comparisons.append({
-            "run": str(other.path),
+            "run": other.name,
             "same_folds": set(reference.test_folds) == set(other.test_folds),
             "config_changes": config_changes(reference, other),
             "paired": {v: paired_difference(reference.dice[f"dice_{v}"],
                                             other.dice[f"dice_{v}"], seed) for v in variants},
         })
     return {
-        "reference": str(reference.path),
+        "reference": reference.name,
         "patients": len(reference.dice),
         "headline": reference.summary.get("headline"),
-        "runs": {str(r.path): {v: {k: r.summary.get("variants", {}).get(v, {}).get(k)
+        "runs": {r.name: {v: {k: r.summary.get("variants", {}).get(v, {}).get(k)
                                    for k in ("dice_patient_mean", "dice_patient_median",
                                              "dice_patient_ci95")}
                                for v in r.variants} for r in runs},
         "comparisons": comparisons,
-        "per_patient": {str(r.path): {v: r.dice[f"dice_{v}"].astype(float).to_dict()
+        "per_patient": {r.name: {v: r.dice[f"dice_{v}"].astype(float).to_dict()
                                       for v in r.variants} for r in runs},
+        **({"seed_spread": spread} if pool else {}),
         "note": SELECTION_NOTE,
     }
 

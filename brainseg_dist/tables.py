@@ -153,6 +153,16 @@ def print_comparison(c: dict[str, Any]) -> None:
         console.print("recipe changes: " + ("; ".join(f"{k} {a} → {b}" for k, (a, b)
                                                      in changes.items()) or "none"),
                       highlight=False, soft_wrap=True)
+    if c.get("seed_spread"):
+        s = Table(title="seed spread: runs of one recipe against each other, patient by "
+                        "patient (what a reseed alone moves)")
+        s.add_column("runs")
+        for v in c["seed_spread"][0]["paired"]:
+            s.add_column(v, justify="right")
+        for pair in c["seed_spread"]:
+            s.add_row(f"{pair['run']} − {pair['reference']}",
+                      *(paired_cell(p) for p in pair["paired"].values()))
+        console.print(s)
     console.print(f"note: {c['note']}", highlight=False, soft_wrap=True)
 
 

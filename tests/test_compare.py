@@ -133,3 +133,33 @@ def test_cli_prints_tables_and_writes_json_and_figure(two_runs, tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "nowhere: not a directory" in bad.stderr
+
+
+def test_pool_seeds_averages_each_recipe_over_its_seeds(tmp_path):
+    rng = np.random.default_rng(5)
+    dice = {name: rng.uniform(0.4, 0.9, len(PATIENTS)) for name in ("a0", "a1", "b0", "b1")}
+    recipe = {"a0": {}, "a1": {"train.seed": 1}, "b0": {"train.epochs": 40},
+              "b1": {"train.epochs": 40, "train.seed": 1}}
+    dirs = [make_cv_dir(tmp_path / n, dice[n], dice[n] + 0.01, config=recipe[n])
+            for n in ("a0", "b0", "a1", "b1")]  # seeds interleaved: grouped by recipe
+    c = compare_runs(dirs, pool=True)
+    a, b = f"{dirs[0]} + {dirs[2]}", f"{dirs[1]} + {dirs[3]}"
+    assert c["reference"] == a
+    assert list(c["runs"]) == [a, b]
+    pooled_a, pooled_b = (dice["a0"] + dice["a1"]) / 2, (dice["b0"] + dice["b1"]) / 2
+    assert c["runs"][a]["plain"]["dice_patient_mean"] == pytest.approx(pooled_a.mean())
+    (comp,) = c["comparisons"]
+    assert comp["run"] == b
+    assert comp["config_changes"] == {"train.epochs": [30, 40]}  # the seeds [0, 1] both
+    assert comp["paired"]["plain"]["mean"] == pytest.approx((pooled_b - pooled_a).mean())
+    spread = {(s["reference"], s["run"]): s["paired"]["plain"]["mean"]
+              for s in c["seed_spread"]}
+    assert spread == {(str(dirs[0]), str(dirs[2])): pytest.approx((dice["a1"] - dice["a0"]).mean()),
+                      (str(dirs[1]), str(dirs[3])): pytest.approx((dice["b1"] - dice["b0"]).mean())}
+    assert "seed_spread" not in compare_runs(dirs)  # unpooled: each run against the first
+    with pytest.raises(BrainsegError, match="every run is one recipe"):
+        compare_runs([dirs[0], dirs[2]], pool=True)
+    proc = run_cli(["compare", "--pool-seeds", *dirs])
+    assert proc.returncode == 0, proc.stderr
+    assert "seed spread" in proc.stderr
+    assert f"{(pooled_b - pooled_a).mean():+.3f} [" in proc.stderr

@@ -143,9 +143,12 @@ def _check_output_files(**files: Path | None) -> None:
               help="PNG: each patient's Dice under the first run against each other run.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap seed.")
+@click.option("--pool-seeds", is_flag=True,
+              help="Runs that differ only in train.seed are one recipe: average each "
+                   "patient over its seeds, compare the recipes, and show the seed spread.")
 @reports_errors
 def compare_command(cv_dirs: tuple[Path, ...], json_out: Path | None, figure: Path | None,
-                    seed: int) -> None:
+                    seed: int, pool_seeds: bool) -> None:
     """Compare `brainseg cv` runs on the same patients, patient by patient.
 
     The first CV_DIR is the reference. For each other run: the mean per-patient Dice
@@ -157,7 +160,7 @@ def compare_command(cv_dirs: tuple[Path, ...], json_out: Path | None, figure: Pa
     from brainseg_dist.tables import paired_cell, print_comparison
 
     _check_output_files(json=json_out, figure=figure)
-    result = compare_runs(list(cv_dirs), seed=seed)
+    result = compare_runs(list(cv_dirs), seed=seed, pool=pool_seeds)
     print_comparison(result)
     if json_out is not None:
         atomic_write_json(json_out, result)
