@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from brainseg_dist import rundir
+from brainseg_dist.config import behaviour_of_missing_keys
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.io import read_json
 from brainseg_dist.metrics import bootstrap_ci
@@ -91,13 +92,15 @@ def load_cv_run(path: str | Path) -> CvRun:
     if not isinstance(raw, dict) or not isinstance(summary, dict) or not isinstance(plan, dict):
         raise BrainsegError(f"{path}: not a `brainseg cv` output (its files hold other data)")
     splits = [s for s in plan.get("splits", []) if isinstance(s, dict)]
+    # A key the run's config lacks was added later: it ran as that key's old behaviour.
+    config = {**_flatten(behaviour_of_missing_keys()), **_flatten(raw)}
     return CvRun(path, summary, dice[[c for c in dice.columns if c.startswith("dice_")]],
-                 [frozenset(s.get("test", [])) for s in splits], _flatten(raw))
+                 [frozenset(s.get("test", [])) for s in splits], config)
 
 
 def config_changes(reference: CvRun, other: CvRun) -> dict[str, list[Any]]:
     """``{key: [reference value, other value]}`` for every recipe key that differs (a key
-    one run lacks shows as ``None``)."""
+    that neither the run nor the package knows shows as ``None``)."""
     keys = sorted((set(reference.config) | set(other.config)) - set(LOCATION_KEYS))
     return {k: [reference.config.get(k), other.config.get(k)] for k in keys
             if reference.config.get(k) != other.config.get(k)}

@@ -391,6 +391,15 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
+def behaviour_of_missing_keys() -> dict[str, dict[str, Any]]:
+    """Per section, what a saved ``config.yaml`` that lacks a key behaved as (YAML types):
+    the old behaviour for keys added later, else the default. For comparing saved runs."""
+    values = yaml.safe_load(dump_config(Config()))
+    for (section, key), old_behaviour in _ADDED_KEYS.items():
+        values[section][key] = old_behaviour
+    return values
+
+
 def replace(config: Config, **sections: dict[str, Any]) -> Config:
     """A copy of ``config`` with some section fields changed, e.g. ``train={"epochs": 2}``."""
     new = {name: dataclasses.replace(getattr(config, name), **sections.get(name, {}))

@@ -163,3 +163,15 @@ def test_pool_seeds_averages_each_recipe_over_its_seeds(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "seed spread" in proc.stderr
     assert f"{(pooled_b - pooled_a).mean():+.3f} [" in proc.stderr
+
+
+def test_keys_a_saved_run_lacks_count_as_their_old_behaviour(two_runs, tmp_path):
+    a, _, _ = two_runs  # its config.yaml predates augment.fused and train.compile_mode
+    plain = pd.read_csv(a / "cv_per_patient.csv")["dice_plain"].to_numpy()
+    same = make_cv_dir(tmp_path / "same", plain, plain,
+                       config={"augment.fused": False, "train.compile_mode": "default",
+                               "model.norm": "batch"})
+    fused = make_cv_dir(tmp_path / "fused", plain, plain, config={"augment.fused": True})
+    changes = [c["config_changes"] for c in compare_runs([a, same, fused])["comparisons"]]
+    assert changes == [{}, {"augment.fused": [False, True]}]
+    assert len(compare_runs([a, same, fused], pool=True)["runs"]) == 2  # a and same pooled
