@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from brainseg_dist import rundir
-from brainseg_dist.config import behaviour_of_missing_keys
+from brainseg_dist.config import ADDED_KEYS, Config, dump_config
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.io import read_json
 from brainseg_dist.metrics import bootstrap_ci
@@ -64,6 +64,15 @@ class CvRun:
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in config.items()
             if isinstance(values, dict) for key, value in values.items()}
+
+
+def behaviour_of_missing_keys() -> dict[str, dict[str, Any]]:
+    """Per section, what a saved ``config.yaml`` that lacks a key behaved as (YAML types):
+    the old behaviour for keys added later (the config hash's rule), else the default."""
+    values = yaml.safe_load(dump_config(Config()))
+    for (section, key), old_behaviour in ADDED_KEYS.items():
+        values[section][key] = old_behaviour
+    return values
 
 
 def load_cv_run(path: str | Path) -> CvRun:

@@ -137,7 +137,7 @@ class TrainConfig:
 
 
 # Keys added after runs were saved, with the value that keeps the behaviour before them.
-_ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch",
+ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch",
                ("augment", "fused"): False}
 
 
@@ -164,7 +164,7 @@ class Config:
             d["train"].pop(key)
         # Keys added later count only when set away from the old behaviour, so runs saved
         # before they existed still resume.
-        for (section, key), old_behaviour in _ADDED_KEYS.items():
+        for (section, key), old_behaviour in ADDED_KEYS.items():
             if d[section][key] == old_behaviour:
                 d[section].pop(key)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -389,15 +389,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def dump_config(config: Config) -> str:
     """YAML text of the fully resolved config (written to ``RUN_DIR/config.yaml``)."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def behaviour_of_missing_keys() -> dict[str, dict[str, Any]]:
-    """Per section, what a saved ``config.yaml`` that lacks a key behaved as (YAML types):
-    the old behaviour for keys added later, else the default. For comparing saved runs."""
-    values = yaml.safe_load(dump_config(Config()))
-    for (section, key), old_behaviour in _ADDED_KEYS.items():
-        values[section][key] = old_behaviour
-    return values
 
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:
