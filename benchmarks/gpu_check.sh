@@ -21,8 +21,9 @@
 #   pytest      the gpu-marked tests (the same checks under pytest), when pytest is installed
 #   throughput  the full benchmarks/throughput.py --json: the baseline at the dataset
 #               author's 4 loader workers and at more, every ablation, compiled training
-#   train       3 epochs of configs/lgg_unet128.yaml on a synthetic set: images/s, peak memory
-#   train_fast  the same with train.compile (mode reduce-overhead: the model and the default
+#   train       3 epochs of configs/lgg_unet128.yaml (one-grid augmentation) on a synthetic
+#               set: images/s, peak memory
+#   train_fast  the same with train.compile (mode reduce-overhead: the model and the
 #               augmentation compiled, as CUDA graphs; GPU only)
 #   summary     gpu_check.json: the targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
