@@ -30,7 +30,7 @@ from brainseg_dist import rundir
 from brainseg_dist.config import ADDED_KEYS, Config, dump_config
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.io import read_json
-from brainseg_dist.metrics import bootstrap_ci
+from brainseg_dist.metrics import bootstrap_ci, patient_dice_summary
 
 # Within this much Dice a patient counts as unchanged (the 3rd decimal the tables print).
 TIE = 5e-4
@@ -152,6 +152,15 @@ def _check_same_patients(reference: CvRun, other: CvRun) -> None:
             "comparison needs the same patients")
 
 
+def _paired_runs(reference: CvRun, other: CvRun, seed: int) -> dict[str, Any]:
+    """``run``, ``same_folds`` and the :func:`paired_difference` of every variant both have."""
+    return {"run": other.name,
+            "same_folds": set(reference.test_folds) == set(other.test_folds),
+            "paired": {v: paired_difference(reference.dice[f"dice_{v}"],
+                                            other.dice[f"dice_{v}"], seed)
+                       for v in reference.variants if v in other.variants}}
+
+
 def _recipe(run: CvRun) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in run.config.items()
                         if k not in (*LOCATION_KEYS, SEED_KEY)))
@@ -162,11 +171,14 @@ def _pooled(runs: list[CvRun], seed: int) -> CvRun:
     if len(runs) == 1:
         return runs[0]
     dice = sum(r.dice.loc[runs[0].dice.index] for r in runs) / len(runs)
-    variants = {c.removeprefix("dice_"): {
-        "dice_patient_mean": float(dice[c].mean()),
-        "dice_patient_median": float(dice[c].median()),
-        "dice_patient_ci95": bootstrap_ci(dice[c].to_numpy(np.float64), seed=seed)}
-        for c in dice.columns if all(c in r.dice.columns for r in runs)}
+    variants = {}
+    for c in dice.columns:
+        if all(c in r.dice.columns for r in runs):
+            d = dice[c].to_numpy(np.float64)
+            s = patient_dice_summary(d)
+            variants[c.removeprefix("dice_")] = {
+                "dice_patient_mean": s["mean"], "dice_patient_median": s["median"],
+                "dice_patient_ci95": bootstrap_ci(d, seed=seed)}
     config = {**runs[0].config, SEED_KEY: [r.config.get(SEED_KEY) for r in runs]}
     return CvRun(runs[0].path, {"headline": runs[0].summary.get("headline"), "variants": variants},
                  dice[[f"dice_{v}" for v in variants]], runs[0].test_folds, config,
@@ -183,11 +195,7 @@ def pool_seeds(runs: list[CvRun], seed: int = 0) -> tuple[list[CvRun], list[dict
     groups: dict[tuple, list[CvRun]] = {}
     for run in runs:
         groups.setdefault(_recipe(run), []).append(run)
-    spread = [{"reference": group[0].name, "run": other.name,
-               "same_folds": set(group[0].test_folds) == set(other.test_folds),
-               "paired": {v: paired_difference(group[0].dice[f"dice_{v}"],
-                                               other.dice[f"dice_{v}"], seed)
-                          for v in group[0].variants if v in other.variants}}
+    spread = [{"reference": group[0].name, **_paired_runs(group[0], other, seed)}
               for group in groups.values() for other in group[1:]]
     return [_pooled(group, seed) for group in groups.values()], spread
 
@@ -225,16 +233,8 @@ def compare_runs(paths: list[str | Path], seed: int = 0,
             raise BrainsegError("compare --pool-seeds: every run is one recipe (they differ "
                                 "at most in train.seed); nothing to compare it with")
     reference = runs[0]
-    comparisons = []
-    for other in runs[1:]:
-        variants = [v for v in reference.variants if v in other.variants]
-        comparisons.append({
-            "run": other.name,
-            "same_folds": set(reference.test_folds) == set(other.test_folds),
-            "config_changes": config_changes(reference, other),
-            "paired": {v: paired_difference(reference.dice[f"dice_{v}"],
-                                            other.dice[f"dice_{v}"], seed) for v in variants},
-        })
+    comparisons = [{**_paired_runs(reference, other, seed),
+                    "config_changes": config_changes(reference, other)} for other in runs[1:]]
     return {
         "reference": reference.name,
         "patients": len(reference.dice),
