@@ -232,6 +232,7 @@ def test_predict_with_the_ensemble_applies_its_postprocessing(cv_run, ensemble_t
     (["--fold", "-1"], "--fold"),
     (["--folds", "9"], "9 folds"),  # 8 synthetic patients
     (["--folds", "3", "--fold", "3"], "--fold 3"),
+    (["--split-seed", "-1"], "--split-seed"),  # the range train.seed allows
 ])
 def test_cv_bad_arguments_get_one_clear_line(synth_root, tmp_path, args, named):
     proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", tmp_path / "cv",

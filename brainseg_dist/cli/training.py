@@ -156,7 +156,7 @@ main.add_command(train_command)
 @click.option("--fold", "only_fold", type=click.IntRange(min=0), default=None,
               help="Train only this fold (0-based), e.g. one job per fold; the summary is "
                    "written by the call that finds every fold finished.")
-@click.option("--split-seed", type=int, default=None,
+@click.option("--split-seed", type=click.IntRange(0, 2**32 - 1), default=None,
               help="Seed of the folds (default: --seed). Fix it and vary --seed to retrain "
                    "the same folds with other seeds.")
 @reports_errors
