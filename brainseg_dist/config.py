@@ -35,6 +35,7 @@ Select = Literal["best", "last"]
 EvalSplit = Literal["test", "val", "train", "all"]  # brainseg evaluate --split
 OnDevice = Literal["auto", "true", "false"]
 ScaleLr = Literal["none", "linear", "sqrt"]
+AdamImpl = Literal["auto", "fused", "torch"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -110,6 +111,7 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0: off
     # lr × (global batch / 32) (linear) or × its square root (sqrt); none: optim.lr as given.
     scale_lr: ScaleLr = "none"
+    implementation: AdamImpl = "auto"  # Adam's kernels; auto: fused on CUDA, else torch's
 
 
 @dataclass
@@ -138,7 +140,13 @@ class TrainConfig:
 
 # Keys added after runs were saved, with the value that keeps the behaviour before them.
 ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch",
-               ("augment", "fused"): False}
+               ("augment", "fused"): False, ("optim", "implementation"): "torch"}
+# Paths, run length, bookkeeping and speed settings: they may change on --resume.
+NOT_HASHED = {"data": ("data_dir", "cache_dir", "num_workers", "on_device",
+                       "device_memory_budget"),
+              "train": ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
+                        "patience", "export", "log_every", "compile", "compile_mode"),
+              "optim": ("implementation",)}
 
 
 @dataclass
@@ -155,18 +163,14 @@ class Config:
     def hash(self) -> str:
         """Short hash of the settings that change the model (not paths or run length)."""
         d = self.to_dict()
-        for key in ("data_dir", "cache_dir", "num_workers", "on_device",
-                    "device_memory_budget"):
-            d["data"].pop(key)
-        # Run length, bookkeeping and speed settings may change on --resume.
-        for key in ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
-                    "patience", "export", "log_every", "compile", "compile_mode"):
-            d["train"].pop(key)
         # Keys added later count only when set away from the old behaviour, so runs saved
         # before they existed still resume.
         for (section, key), old_behaviour in ADDED_KEYS.items():
             if d[section][key] == old_behaviour:
                 d[section].pop(key)
+        for section, keys in NOT_HASHED.items():
+            for key in keys:
+                d[section].pop(key, None)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -208,10 +212,6 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _section_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def from_dict(raw: dict[str, Any] | None, source: str = "config",
               key_sources: dict[str, str] | None = None) -> Config:
     """Build and validate a :class:`Config` from nested dicts (e.g. parsed YAML).
@@ -243,7 +243,7 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config",
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{name}' must be a mapping")
         section = getattr(config, name)
-        types_ = _section_types(type(section))
+        types_ = typing.get_type_hints(type(section))
         for key, value in values.items():
             origin = key_sources.get(f"{name}.{key}", source)
             if key not in types_:
@@ -283,7 +283,7 @@ def validate(config: Config, source: str | Callable[[str], str] = "config") -> N
         return source(message) if callable(source) else source
 
     for section in fields(Config):
-        for key, hint in _section_types(type(getattr(config, section.name))).items():
+        for key, hint in typing.get_type_hints(type(getattr(config, section.name))).items():
             allowed = choices(hint) if typing.get_origin(hint) is Literal else None
             value = getattr(getattr(config, section.name), key)
             if allowed is not None and value not in allowed:

@@ -39,16 +39,21 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s current weights by one step."""
+        """Move the average towards ``model``'s current weights by one step: a few foreach
+        calls, not one per tensor (on a GPU each is a kernel launch the host must make)."""
         self.updates += 1
         weight = 1.0 - self.current_decay()
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)
-        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            if ema_b.dtype.is_floating_point:
-                ema_b.lerp_(b, weight)
-            else:  # BatchNorm's step counter
-                ema_b.copy_(b)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), weight)
+        pairs = list(zip(self.model.buffers(), model.buffers(), strict=True))
+        for floating in (True, False):  # running statistics; BatchNorm's step counters
+            chosen = [(a, b) for a, b in pairs if a.dtype.is_floating_point == floating]
+            if not chosen:
+                continue
+            averaged, live = (list(t) for t in zip(*chosen, strict=True))
+            if floating:
+                torch._foreach_lerp_(averaged, live, weight)
+            else:
+                torch._foreach_copy_(averaged, live)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": torch.tensor(self.updates)}

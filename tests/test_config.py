@@ -102,15 +102,18 @@ def test_mixed_precision_takes_an_unquoted_no(tmp_path):
 
 
 def test_speed_settings_keep_the_hash_of_older_runs():
-    """Keys added for speed (where the data lives, how often the loss is read, compile) do
-    not change what is trained; scale_lr and model.norm do only when set. So runs saved
-    before the keys existed still resume: these are the hashes of the configs before them."""
+    """Keys added for speed (where the data lives, how often the loss is read, compile, the
+    optimizer's kernels) do not change what is trained; scale_lr and model.norm do only when
+    set. So runs saved before the keys existed still resume: these are the hashes of the
+    configs before them."""
     assert Config().hash() == "fd059d5e72e0"
     assert load_config(REPO / "configs" / "experiments" / "cpu_small_bn.yaml").hash() == (
         "820ce3fe8350")
     fast = load_config(None, {"data.on_device": "true", "train.log_every": 5,
                               "train.compile": True, "data.device_memory_budget": 0.5})
     assert fast.hash() == Config().hash()
+    for impl in ("auto", "fused", "torch"):  # the optimizer's kernels: the same Adam
+        assert load_config(None, {"optim.implementation": impl}).hash() == Config().hash()
     assert load_config(None, {"optim.scale_lr": "linear"}).hash() != Config().hash()
     assert load_config(None, {"model.norm": "instance"}).hash() != Config().hash()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -213,13 +214,58 @@ def test_scaled_lr_follows_the_global_batch():
     assert scaled_lr(sqrt, 2) == pytest.approx(8 ** 0.5 * lr)
 
 
+def test_adam_implementation_is_fused_on_cuda_and_torchs_choice_elsewhere():
+    """auto: fused where the step is host-bound (CUDA); on a CPU torch's own choice, so the
+    CPU results recorded so far stay reproducible. An explicit setting is kept."""
+    assert setup.adam_implementation("auto", "cuda") == "fused"
+    assert setup.adam_implementation("auto", "cpu") == "torch"
+    assert setup.adam_implementation("fused", "cpu") == "fused"
+    assert setup.adam_implementation("torch", "cuda") == "torch"
+    cfg = load_config(None, {"optim.weight_decay": 1e-4})
+    for device, fused in (("cuda", True), ("cpu", None)):
+        opt = setup.make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, 0.01, device)
+        assert opt.defaults["fused"] is fused
+        assert opt.defaults["weight_decay"] == 1e-4
+
+
+def test_fused_adam_trains_as_torchs_adam_and_resumes_from_its_state():
+    """The fused kernels compute the same Adam (to rounding) and load the other's state, so a
+    run may resume with either (optim.implementation is not part of the config hash)."""
+    def stepped(impl, state=None, steps=3):
+        torch.manual_seed(0)
+        model = build_model(4, 2)
+        cfg = load_config(None, {"optim.implementation": impl, "optim.weight_decay": 1e-4})
+        opt = setup.make_optimizer(model.parameters(), cfg, 0.01, "cpu")
+        if state is not None:
+            opt.load_state_dict(copy.deepcopy(state))  # loading may keep its tensors
+        for k in range(steps):
+            torch.manual_seed(k)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), opt
+
+    plain, opt = stepped("torch")
+    fused, _ = stepped("fused")
+    assert opt.defaults["fused"] is None
+    assert not torch.equal(plain, fused)  # really another kernel
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    resumed, resumed_opt = stepped("fused", opt.state_dict(), steps=1)
+    reference, _ = stepped("torch", opt.state_dict(), steps=1)
+    torch.testing.assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
+    assert int(next(iter(resumed_opt.state.values()))["step"]) == 4
+
+
 def test_scale_lr_is_applied_and_printed_at_start(synth_root, tmp_path, capsys):
+    """The effective lr and the optimizer's kernels are printed at start."""
     cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1, "optim.scale_lr": "linear",
-                                               "optim.warmup_epochs": 0})
+                                               "optim.warmup_epochs": 0,
+                                               "optim.implementation": "fused"})
     result = run_training(cfg)
     assert result.history[0]["lr"] == pytest.approx(0.01 * 8 / 32)  # batch 8, 1 process
     said = " ".join(capsys.readouterr().err.split())
     assert "lr 2.50e-03 (optim.lr 1.00e-02 scaled linear to global batch 8 from 32)" in said
+    assert ", fused Adam" in said
 
 
 # Compiling imports TorchScript's deprecated decorators (the deprecation is torch's, not ours).

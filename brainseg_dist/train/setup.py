@@ -1,5 +1,5 @@
 """What a training run needs before its first epoch: the accelerator and seeds, the dataset root
-(generated when synthetic), the patient split, and the learning-rate schedule."""
+(generated when synthetic), the patient split, the optimizer and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -90,6 +90,26 @@ def scaled_lr(cfg: Config, num_processes: int) -> float:
     ratio = global_batch(cfg, num_processes) / REFERENCE_BATCH
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.scale_lr]
     return cfg.optim.lr * factor
+
+
+def adam_implementation(setting: str, device_type: str) -> str:
+    """``optim.implementation`` resolved for a device: ``auto`` is ``fused`` on CUDA, where the
+    step is host-bound and fused Adam is 2 host calls a step against foreach's ~140 (128 of
+    them per-parameter step counts read on the host; ``benchmarks/step_ops.py``), and
+    ``torch`` (torch's own choice: foreach on CUDA, a for-loop on CPUs) elsewhere: on a CPU a
+    ``configs/cpu_small.yaml`` step measured no faster fused, and the CPU results stay
+    reproducible. The implementations compute the same Adam up to rounding."""
+    if setting == "auto":
+        return "fused" if device_type == "cuda" else "torch"
+    return setting
+
+
+def make_optimizer(params, cfg: Config, lr: float, device_type: str) -> torch.optim.Adam:
+    """Adam at ``lr`` with ``optim.weight_decay``, in the kernels :func:`adam_implementation`
+    picks for ``device_type``."""
+    fused = adam_implementation(cfg.optim.implementation, device_type) == "fused"
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.optim.weight_decay,
+                            fused=fused or None)
 
 
 def uses_cuda_graphs(compile_mode: str) -> bool:

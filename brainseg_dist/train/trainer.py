@@ -39,9 +39,11 @@ from brainseg_dist.train.persistence import CheckpointState
 from brainseg_dist.train.report import log_scalars, overlay_grid, print_row
 from brainseg_dist.train.setup import (
     REFERENCE_BATCH,
+    adam_implementation,
     compile_for_training,
     global_batch,
     make_accelerator,
+    make_optimizer,
     make_scheduler,
     prepare_data_dir,
     scaled_lr,
@@ -49,6 +51,8 @@ from brainseg_dist.train.setup import (
     uses_cuda_graphs,
 )
 from brainseg_dist.train.step import LossReading, LossTracker, is_read_step
+
+ADAM_WORDS = {"fused": "fused Adam", "torch": "torch's default Adam kernels"}
 
 
 def eager(method):
@@ -144,8 +148,7 @@ class Trainer(CheckpointState):
                 and acc.device.type == "cuda"):  # SyncBatchNorm is GPU-only in torch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.lr = scaled_lr(cfg, acc.num_processes)
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr,
-                                     weight_decay=cfg.optim.weight_decay)
+        optimizer = make_optimizer(model.parameters(), cfg, self.lr, acc.device.type)
         if self.on_device:
             self.model, self.optimizer, self.val_loader = acc.prepare(model, optimizer,
                                                                       val_loader)
@@ -312,7 +315,8 @@ class Trainer(CheckpointState):
             f"{len(self.train_data)} train / {len(self.val_data)} val slices "
             f"({len(self.split['train'])}/{len(self.split['val'])} patients), training data "
             f"{'on the device' if self.on_device else 'from a DataLoader'}"
-            f"{', compiled' if self.compiled else ''}")
+            f"{', compiled' if self.compiled else ''}, "
+            f"{ADAM_WORDS[adam_implementation(cfg.optim.implementation, acc.device.type)]}")
 
     def _end_of_epoch(self, row: dict[str, Any]) -> bool:
         """Selection and early-stopping state, checkpoints, metrics.jsonl and logs.
