@@ -177,6 +177,8 @@ def print_tables(res: dict[str, Any], out: Console) -> None:
         t.add_row(f"median over rounds, CPU seconds: {name}", _f(r, "{:.2f}x"))
     t.add_row(f"AMP switched to {sm['amp_toggled_to']}, vs project",
               _f(sm["amp_toggled_ratio_vs_project"], "{:.2f}x"))
+    t.add_row(f"Adam switched to {sm['adam_toggled_to']}, vs project",
+              _f(sm["adam_toggled_ratio_vs_project"], "{:.2f}x"))
     t.add_row("loader over training (>= 3: loading is not the bottleneck)",
               _f(sm["loader_over_train"], "{:.0f}x"))
     for b, r in sm["torchscript_over_eager"].items():

@@ -35,7 +35,7 @@ from bench_common import (
 )
 
 from brainseg_dist.augment import DeviceAugment
-from brainseg_dist.config import AugmentConfig, DataConfig
+from brainseg_dist.config import AugmentConfig, DataConfig, load_config
 from brainseg_dist.console import console
 from brainseg_dist.data import SliceData
 from brainseg_dist.data.device import DeviceBatches, resolve_on_device
@@ -44,8 +44,10 @@ from brainseg_dist.metrics import bce_dice_loss
 from brainseg_dist.model import build_model
 from brainseg_dist.preprocess import normalize
 from brainseg_dist.train.setup import (
+    adam_implementation,
     compile_for_training,
     compiles_augmentation,
+    make_optimizer,
     uses_cuda_graphs,
 )
 
@@ -141,14 +143,17 @@ def _model(base_width: int, channels_last: bool, device: torch.device) -> torch.
 
 def _new_pipeline(name: str, description: str, batches: Iterator, base_width: int,
                   device: torch.device, amp: str, channels_last: bool = True,
-                  augment: bool | None = True, **options) -> Pipeline:
+                  augment: bool | None = True, adam: str = "auto", **options) -> Pipeline:
     """A pipeline with a fresh model (the same initial weights for every pipeline) and its
-    own Adam. ``augment``: True, the project's batched device augmentation; False, batches
-    that come augmented (normalized on the device all the same); None, the baseline's float
-    batches, neither."""
+    own Adam, in the kernels ``optim.implementation: adam`` gives training on this device.
+    ``augment``: True, the project's batched device augmentation; False, batches that come
+    augmented (normalized on the device all the same); None, the baseline's float batches,
+    neither."""
     model = _model(base_width, channels_last, device)
+    optim_cfg = load_config(None, {"optim.implementation": adam})
     return Pipeline(
-        name, description, batches, model, torch.optim.Adam(model.parameters(), lr=LR),
+        name, description, batches, model,
+        make_optimizer(model.parameters(), optim_cfg, LR, device.type),
         device, torch.channels_last if channels_last else torch.contiguous_format, amp,
         augment is not None, DeviceAugment(AugmentConfig()).to(device).train() if augment
         else None, **options)
@@ -187,12 +192,16 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
     on_device = project_on_device(data, device)
     aug_cfg = AugmentConfig()
     where = {True: "uint8 held on the device", False: "uint8 in-memory DataLoader, 0 workers"}
+    project_adam = adam_implementation("auto", device.type)
+    other_adam = "torch" if project_adam == "fused" else "fused"
 
     def pipeline(name, description, batches, channels_last=True, amp=project_amp,
-                 augment=True, data_on_device=on_device, workers=args.workers, **options):
+                 augment=True, data_on_device=on_device, workers=args.workers, adam="auto",
+                 **options):
         return _new_pipeline(
-            name, description, batches, bw, device, amp, channels_last, augment, **options,
+            name, description, batches, bw, device, amp, channels_last, augment, adam, **options,
             settings={"channels_last": channels_last, "mixed_precision": amp,
+                      "adam": adam_implementation(adam, device.type),
                       "augmentation": "device (batched, Kornia)" if augment
                       else f"per-sample on CPU in {workers} loader workers",
                       "loader": where[data_on_device] if augment else f"{workers} workers"})
@@ -204,8 +213,8 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
         loader = per_sample_loader(BaselineDataset(data, PerSampleAugment.buda(aug_cfg)), bs,
                                    n_batches, workers)
         return pipeline(name, "reference: float32 slices, per-sample CPU augmentation in "
-                        f"{workers} DataLoader workers, fp32, NCHW", iter(loader), False, "no",
-                        None, False, workers)
+                        f"{workers} DataLoader workers, fp32, NCHW, torch's Adam", iter(loader),
+                        False, "no", None, False, workers, adam="torch")
 
     cpu_aug_loader = per_sample_loader(
         Uint8AugmentDataset(data, PerSampleAugment.from_config(aug_cfg)), bs, n_batches,
@@ -229,6 +238,8 @@ def build_pipelines(data: SliceData, args, device: torch.device) -> list[Pipelin
                  data_on_device=not on_device),
         pipeline("sync_per_step", "project, but loss.item() and bool(finite) every step (the "
                  "step before the sync-free one)", project_batches(), sync_every_step=True),
+        pipeline("adam_toggled", f"project, but Adam {other_adam} (project default on "
+                 f"{device.type}: {project_adam})", project_batches(), adam=other_adam),
     ]
     pipelines += [baseline(w, f"baseline_workers_{w}") for w in args.baseline_workers
                   if w != args.workers]

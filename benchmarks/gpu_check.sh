@@ -25,9 +25,12 @@
 #               set: images/s, peak memory
 #   train_fast  the same with train.compile (mode reduce-overhead: the model and the
 #               augmentation compiled, as CUDA graphs; GPU only)
+#   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
+#               with Adam's kernels (foreach, fused) and the geometry toggled
 #   summary     gpu_check.json: the targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
-# train.json, train_fast.json (scratch data, runs and caches stay in a temporary directory).
+# train.json, train_fast.json, step_ops.json (scratch data, runs and caches stay in a temporary
+# directory).
 # They are written into OUT/partial/ and moved up when the run ends, so a killed run leaves its
 # partial results there and never mixes them with an earlier run's; earlier results need
 # --overwrite.
@@ -44,7 +47,8 @@ for arg in "$@"; do
         *) echo "gpu_check: unknown argument '$arg' (expected --cpu or --overwrite)" >&2; exit 2 ;;
     esac
 done
-RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json train_fast.json)
+RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json train_fast.json
+         step_ops.json)
 FINAL_DIR=${OUT:-runs/gpu_check}
 mkdir -p "$FINAL_DIR" || exit 2
 FINAL_DIR=$(cd "$FINAL_DIR" && pwd)
@@ -116,10 +120,10 @@ export PY WORK
 step kornia 20 bash -c "$(declare -f install_kornia); install_kornia" || FAILED=1
 CORES=$(nproc)
 if [[ $MODE == gpu ]]; then
-    step checks 70 "$PY" benchmarks/gpu_checks.py checks --device cuda --work "$WORK/checks" \
+    step checks 60 "$PY" benchmarks/gpu_checks.py checks --device cuda --work "$WORK/checks" \
         --json "$OUT_DIR/checks.json" || FAILED=1
     if "$PY" -c "import pytest" 2>/dev/null; then
-        step pytest 70 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py ||
+        step pytest 50 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py ||
             FAILED=1
     else
         log "pytest: not installed here; the checks step ran the same checks"
@@ -129,7 +133,7 @@ if [[ $MODE == gpu ]]; then
         step throughput 230 "$PY" benchmarks/throughput.py --device cuda --workers 4 \
         --baseline-workers "8,$CORES" --compile-budget 60 --compile-modes reduce-overhead \
         --json "$OUT_DIR/throughput.json" || FAILED=1
-    step train 60 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
+    step train 50 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
         --epochs 3 --synthetic-patients 60 --work "$WORK/train" --json "$OUT_DIR/train.json" ||
         FAILED=1
     # The same run compiled (off by default): the same training data, in CUDA graphs.
@@ -137,6 +141,9 @@ if [[ $MODE == gpu ]]; then
         --epochs 3 --synthetic-patients 60 --set train.compile=true \
         --set train.compile_mode=reduce-overhead \
         --work "$WORK/train_fast" --json "$OUT_DIR/train_fast.json" || FAILED=1
+    # Host calls per eager step, by phase, with the optimizer and geometry variants.
+    step step_ops 40 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml \
+        --json "$OUT_DIR/step_ops.json" || FAILED=1
 else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
     step checks 120 "$PY" benchmarks/gpu_checks.py checks --device cpu --work "$WORK/checks" \
@@ -147,6 +154,9 @@ else
         --epochs 1 --synthetic-patients 4 --set data.image_size=32 --set model.base_width=4 \
         --set train.batch_size=8 --set train.cpu=true --work "$WORK/train" \
         --json "$OUT_DIR/train.json" || FAILED=1
+    step step_ops 120 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml \
+        --set data.image_size=32 --set model.base_width=4 --set train.batch_size=8 \
+        --set train.cpu=true --json "$OUT_DIR/step_ops.json" || FAILED=1
 fi
 "$PY" benchmarks/gpu_checks.py summary --out "$OUT_DIR" --steps "$STEPS" >>"$LOG" 2>&1 ||
     FAILED=1

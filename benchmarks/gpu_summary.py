@@ -1,5 +1,6 @@
 """``gpu_check.json``: the results of ``benchmarks/gpu_check.sh`` (``checks.json``,
-``throughput.json``, ``train.json``, ``train_fast.json`` and the steps' exit statuses) against
+``throughput.json``, ``train.json``, ``train_fast.json``, ``step_ops.json`` and the steps' exit
+statuses) against
 issue 12's targets. ``python benchmarks/gpu_checks.py summary --out DIR`` writes it."""
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ def _load(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _load_list(path: Path) -> list[dict[str, Any]]:
+    rows = _load(path)
+    return rows if isinstance(rows, list) else []
 
 
 def _criterion(value: float | None, target: float, at_most: bool = False) -> dict[str, Any]:
@@ -62,6 +68,9 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
         "checks": {name: r.get("ok") for name, r in checks.items()},
         "baseline_workers_images_per_s": tr.get("baseline_workers"),
         "project_images_per_s": project,
+        # Each optimization switched off (or toggled), over the project step, same rounds.
+        "ablations_vs_project": {name: r.get("ratio_vs_project")
+                                 for name, r in tr.get("ablations", {}).items()},
         "compile": sm.get("compile"),
         # Each compiled pipeline against the baseline, through the eager project it was timed
         # beside (the compiled ones run after the baseline's rounds).
@@ -74,6 +83,9 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
                                           "val_dice_patient_mean", "peak_memory_gb",
                                           "peak_rss_gb", "wall_seconds")}
            for name, run in (("train", train), ("train_fast", train_fast))},
+        # Host calls per eager step (benchmarks/step_ops.py): variant -> phase -> calls.
+        "host_calls_per_step": {r["variant"]: {k: v for k, v in r.items() if k != "variant"}
+                                for r in _load_list(out / "step_ops.json")},
         "steps": steps,
         "all_checks_ok": bool(checks) and all(r.get("ok") for r in checks.values()),
     }

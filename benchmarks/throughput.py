@@ -289,6 +289,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "amp_toggled_to": tr["ablations"]["amp_toggled"]["mixed_precision"],
         "data_toggled_ratio_vs_project": tr["ablations"]["data_toggled"]["ratio_vs_project"],
         "sync_free_gain": tr["ablations"]["sync_per_step"]["project_choice_gain"],
+        "adam_toggled_to": tr["ablations"]["adam_toggled"]["adam"],
+        "adam_toggled_ratio_vs_project": tr["ablations"]["adam_toggled"]["ratio_vs_project"],
         "project_speedup_vs_best_baseline": (tr["project"]["images_per_s"]
                                              / max(tr["baseline_workers"].values())),
         "best_baseline_workers": int(max(tr["baseline_workers"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ SCRIPT = REPO / "benchmarks" / "throughput.py"
 PIPELINE_KEYS = ("images_per_s", "median_step_s", "mean_images_per_s", "best_images_per_s",
                  "speedup_vs_baseline")
 ABLATIONS = ("no_device_augment", "no_channels_last", "amp_toggled", "data_toggled",
-             "sync_per_step")
+             "sync_per_step", "adam_toggled")
 
 
 def _positive(x) -> bool:
@@ -77,6 +78,9 @@ def test_tiny_run_writes_every_ratio(tmp_path):
     assert train["ablations"]["amp_toggled"]["mixed_precision"] == {"no": "bf16",
                                                                      "bf16": "no"}[cpu_amp]
     assert train["ablations"]["no_channels_last"]["channels_last"] is False
+    assert (train["project"]["adam"], train["ablations"]["adam_toggled"]["adam"]) == (
+        "torch", "fused")  # on a CPU; fused is the project's choice on CUDA
+    assert train["baseline"]["adam"] == "torch"
     assert train["project"]["loader"] == "uint8 in-memory DataLoader, 0 workers"  # CPU default
     assert train["ablations"]["data_toggled"]["loader"] == "uint8 held on the device"
     assert set(train["baseline_workers"]) == {"1", "2"}
@@ -284,14 +288,18 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, proc.stderr[-2000:] + log[-4000:]
     assert sorted(p.name for p in out.iterdir()) == [  # all that comes back from a GPU run
-        "checks.json", "gpu_check.json", "gpu_check.log", "throughput.json", "train.json"]
+        "checks.json", "gpu_check.json", "gpu_check.log", "step_ops.json", "throughput.json",
+        "train.json"]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["all_checks_ok"]
     assert set(summary["checks"]) == {"bf16_autocast", "channels_last", "kornia_on_device",
                                       "device_batches", "no_host_sync", "no_host_sync_fused",
                                       "compiled_augment_draws"}
     assert {name: s["exit_status"] for name, s in summary["steps"].items()} == {
-        "kornia": 0, "checks": 0, "throughput": 0, "train": 0}
+        "kornia": 0, "checks": 0, "throughput": 0, "train": 0, "step_ops": 0}
+    calls = summary["host_calls_per_step"]
+    assert calls["optim.implementation: fused"]["optimizer"] <= 2
+    assert calls["as configured"]["total"] > calls["optim.implementation: fused"]["total"]
     # Nothing is compiled in --cpu mode (and train.compile leaves a CPU's augmentation eager).
     assert summary["criteria"].pop("augment_share_of_compiled_step")["value"] is None
     for name, c in summary["criteria"].items():
@@ -317,3 +325,31 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
         assert f"{out_dir / present} is left by an earlier run: pass --overwrite" in proc.stderr
     assert [p.name for p in killed.iterdir()] == ["partial"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_step_ops_counts_every_variant_and_refuses_a_bad_key(tmp_path):
+    """``benchmarks/step_ops.py``: one row per variant, phases adding up to the total; a bad
+    ``--set`` key is one line naming it."""
+    script = REPO / "benchmarks" / "step_ops.py"
+    tiny = ["--set", "data.image_size=32", "--set", "model.base_width=4",
+            "--set", "train.batch_size=4", "--set", "train.ema_decay=0.9"]
+    out = tmp_path / "ops.json"
+    proc = subprocess.run([sys.executable, str(script), *tiny, "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False, env={**os.environ, "BRAINSEG_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert len(rows) == 6
+    for row in rows.values():
+        assert row["total"] == sum(row[p] for p in ("inputs", "augment", "forward", "loss",
+                                                    "tracker", "backward", "optimizer", "ema"))
+    assert rows["optim.implementation: fused"]["optimizer"] <= 2
+    assert (rows["optim.implementation: fused"]["optimizer"]
+            < rows["Adam foreach (torch's choice on CUDA)"]["optimizer"]
+            < rows["optim.implementation: torch"]["optimizer"])  # a for-loop on a CPU
+    assert "Adam foreach" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--set", "train.epoch=3"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode != 0
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "unknown key 'train.epoch'" in bad.stderr

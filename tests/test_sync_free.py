@@ -22,6 +22,7 @@ from brainseg_dist.train.step import LossTracker, is_read_step
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from host_syncs import HostSyncCounter
+from step_ops import PHASES, count_step
 
 LOG_EVERY = 4
 # The epoch's permutation comes from a CPU generator on every device: host work, once an epoch.
@@ -127,3 +128,22 @@ def test_sync_sites_count_cudas_per_call_warning_only():
     ((where, count),) = sites.items()
     assert count == 2
     assert where.startswith("tests/test_sync_free.py:")
+
+
+def test_optimizer_and_ema_are_a_few_host_calls_per_step(synth_root, tmp_path):
+    """Host work, not just host syncs, sets the speed of a launch-bound GPU step: fused Adam
+    is 2 operator calls a step (foreach Adam ~140, a for-loop ~10 per parameter) and the
+    weight average 3, whatever the model's size. ``benchmarks/step_ops.py`` counts them."""
+    counts = {}
+    for fused in (True, False):
+        cfg = tiny_config(synth_root, tmp_path / str(fused), **{
+            "train.epochs": 1, "optim.implementation": "fused", "train.ema_decay": 0.9,
+            "augment.fused": fused})
+        counts[fused] = count_step(Trainer(cfg)).counts
+        assert set(counts[fused]) <= set(PHASES), counts[fused]
+        assert counts[fused]["optimizer"] <= 2, counts[fused]
+        assert counts[fused]["ema"] <= 3, counts[fused]
+        for phase in ("augment", "forward", "loss", "tracker", "backward"):
+            assert counts[fused][phase] > 0, phase
+    # One sampling grid against three warps (rotation, flip, elastic) one after another.
+    assert counts[True]["augment"] < counts[False]["augment"] / 2

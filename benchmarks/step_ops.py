@@ -1,0 +1,186 @@
+"""Host calls per training step, phase by phase: what a host-bound GPU step is made of.
+
+On a GPU a U-Net step at batch 32 and 128² is bound by the host (benchmarks/README.md): its
+time is the CPU's time to issue a few hundred small operations, not the GPU's to run them. Each
+operator call the dispatcher sees is host work, and most launch a kernel on a GPU. Counting
+them needs no GPU: :class:`PhaseCounter` (a ``TorchDispatchMode``) counts the calls of one
+real :meth:`~brainseg_dist.train.Trainer.train_step`, labelled by the part of the step that
+made them (augmentation, forward, loss, backward, optimizer, EMA, loss tracker; the rest is
+"inputs": normalization, casts and layout).
+
+    python benchmarks/step_ops.py configs/lgg_unet128.yaml [--set key=value ...] [--json F]
+
+prints a table for the config as it resolves on this machine, and for each variant of the
+optimizer's kernels (``optim.implementation``) and of the augmentation's geometry
+(``augment.fused``). The counts are the same on any device up to the optimizer's choice
+(torch's default is foreach on CUDA, a for-loop on CPUs; ``fused`` is the same everywhere)
+and tensor-size-dependent kernels (none in this step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from brainseg_dist.cli.training import parse_set_options  # noqa: E402
+from brainseg_dist.config import load_config  # noqa: E402
+from brainseg_dist.data.synth import write_synthetic_dataset  # noqa: E402
+from brainseg_dist.errors import BrainsegError  # noqa: E402
+from brainseg_dist.io import atomic_write_text  # noqa: E402
+from brainseg_dist.train import Trainer  # noqa: E402
+from brainseg_dist.train import trainer as trainer_module  # noqa: E402
+from brainseg_dist.train.step import LossTracker  # noqa: E402
+
+PHASES = ("inputs", "augment", "forward", "loss", "tracker", "backward", "optimizer", "ema")
+# Profiler ranges that optimizers open: bookkeeping of the profiler, no work.
+_NOT_COUNTED = ("profiler.",)
+
+
+class PhaseCounter(TorchDispatchMode):
+    """Counts operator calls by the phase that is current when they are made.
+
+    :meth:`labelled` wraps a callable so that the calls it makes count for its phase; calls made
+    outside any labelled callable count for ``default``.
+    """
+
+    def __init__(self, default: str = "inputs"):
+        super().__init__()
+        self.phase = default
+        self.counts: Counter[str] = Counter()
+        self.ops: dict[str, Counter[str]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if not name.startswith(_NOT_COUNTED):
+            self.counts[self.phase] += 1
+            self.ops.setdefault(self.phase, Counter())[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def labelled(self, phase: str, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            outer, self.phase = self.phase, phase
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.phase = outer
+        return call
+
+
+@contextlib.contextmanager
+def phases_of(trainer: Trainer, counter: PhaseCounter):
+    """Label the parts of ``trainer``'s step for ``counter`` (instance attributes, and the
+    loss function the trainer module calls), restored on exit."""
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)
+    patched = [(trainer.augment, "forward"), (model, "forward"), (acc, "backward"),
+               (trainer.optimizer, "step"), (trainer.optimizer, "zero_grad")]
+    phases = ["augment", "forward", "backward", "optimizer", "optimizer"]
+    if trainer.ema is not None:
+        patched.append((trainer.ema, "update"))
+        phases.append("ema")
+    for (obj, name), phase in zip(patched, phases, strict=True):
+        setattr(obj, name, counter.labelled(phase, getattr(obj, name)))
+    loss_fn = trainer_module.bce_dice_loss
+    trainer_module.bce_dice_loss = counter.labelled("loss", loss_fn)
+    try:
+        yield
+    finally:
+        trainer_module.bce_dice_loss = loss_fn
+        for obj, name in patched:
+            delattr(obj, name)  # back to the class's method
+
+
+class _LabelledTracker(LossTracker):
+    counter: PhaseCounter
+
+    def add(self, loss, images, step):
+        return self.counter.labelled("tracker", super().add)(loss, images, step)
+
+
+def count_step(trainer: Trainer) -> PhaseCounter:
+    """Operator calls of one training step of ``trainer`` (its second: the first may set up
+    optimizer state and caches), by phase."""
+    tracker = _LabelledTracker(trainer.accelerator)
+    tracker.counter = PhaseCounter()  # not active in the first step
+    trainer.model.train()
+    trainer.augment.train()
+    batches = iter(trainer.train_batches)
+    trainer.train_step(*next(batches), tracker, 0)
+    counter = tracker.counter = PhaseCounter()
+    images, masks, idx = next(batches)
+    with phases_of(trainer, counter), counter:
+        trainer.train_step(images, masks, idx, tracker, 1)
+    return counter
+
+
+def _variants() -> list[tuple[str, dict[str, Any], bool]]:
+    """``(name, overrides, foreach Adam)``: the config as given, each optimizer implementation
+    (with torch's CUDA choice, foreach, here on any device) and each geometry."""
+    rows = [("as configured", {}, False)]
+    for impl in ("torch", "fused"):
+        rows.append((f"optim.implementation: {impl}", {"optim.implementation": impl}, False))
+    rows.append(("Adam foreach (torch's choice on CUDA)", {}, True))
+    for fused in (False, True):
+        rows.append((f"augment.fused: {str(fused).lower()}", {"augment.fused": fused}, False))
+    return rows
+
+
+def measure(config: str | None, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant: the calls per phase and in all, on a small synthetic set."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_synthetic_dataset(Path(tmp) / "synth", patients=4)
+        for name, extra, foreach in _variants():
+            cfg = load_config(config, {"data.data_dir": str(data),
+                                       "train.output_dir": str(Path(tmp) / "run"),
+                                       "train.export": False, "train.epochs": 1,
+                                       **overrides, **extra})
+            trainer = Trainer(cfg)
+            if foreach:
+                trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=trainer.lr,
+                                                     weight_decay=cfg.optim.weight_decay,
+                                                     foreach=True)
+            counts = count_step(trainer).counts
+            rows.append({"variant": name, **{p: counts.get(p, 0) for p in PHASES},
+                         "total": sum(counts.values()),
+                         "device": str(trainer.accelerator.device)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", help="YAML config (default: the package defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", type=Path, help="write the rows here too")
+    args = p.parse_args(argv)
+    try:
+        rows = measure(args.config, parse_set_options(tuple(args.set)))
+    except BrainsegError as exc:
+        raise SystemExit(f"step_ops: {exc}") from None
+    table = Table(title=f"Host calls per training step ({rows[0]['device']})")
+    for name in ("variant", *PHASES, "total"):
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    for r in rows:
+        table.add_row(r["variant"], *(str(r[k]) for k in (*PHASES, "total")))
+    Console(width=160).print(table)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
