@@ -26,7 +26,8 @@
 #   train_fast  the same with train.compile (mode reduce-overhead: the model and the
 #               augmentation compiled, as CUDA graphs; GPU only)
 #   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
-#               with Adam's kernels (foreach, fused) and the geometry toggled
+#               with Adam's kernels (foreach, fused) and the geometry toggled; each variant's
+#               step time, and its GPU kernel time and launches (torch.profiler)
 #   summary     gpu_check.json: the targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
 # train.json, train_fast.json, step_ops.json (scratch data, runs and caches stay in a temporary
@@ -137,12 +138,12 @@ if [[ $MODE == gpu ]]; then
         --epochs 3 --synthetic-patients 60 --work "$WORK/train" --json "$OUT_DIR/train.json" ||
         FAILED=1
     # The same run compiled (off by default): the same training data, in CUDA graphs.
-    step train_fast 120 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
+    step train_fast 110 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
         --epochs 3 --synthetic-patients 60 --set train.compile=true \
         --set train.compile_mode=reduce-overhead \
         --work "$WORK/train_fast" --json "$OUT_DIR/train_fast.json" || FAILED=1
     # Host calls per eager step, by phase, with the optimizer and geometry variants.
-    step step_ops 40 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml \
+    step step_ops 50 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 20 \
         --json "$OUT_DIR/step_ops.json" || FAILED=1
 else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
@@ -154,7 +155,7 @@ else
         --epochs 1 --synthetic-patients 4 --set data.image_size=32 --set model.base_width=4 \
         --set train.batch_size=8 --set train.cpu=true --work "$WORK/train" \
         --json "$OUT_DIR/train.json" || FAILED=1
-    step step_ops 120 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml \
+    step step_ops 120 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 2 \
         --set data.image_size=32 --set model.base_width=4 --set train.batch_size=8 \
         --set train.cpu=true --json "$OUT_DIR/step_ops.json" || FAILED=1
 fi

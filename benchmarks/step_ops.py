@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +34,12 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench_common import _sync  # noqa: E402
 
 from brainseg_dist.cli.training import parse_set_options  # noqa: E402
 from brainseg_dist.config import load_config  # noqa: E402
@@ -46,7 +50,11 @@ from brainseg_dist.train import Trainer  # noqa: E402
 from brainseg_dist.train import trainer as trainer_module  # noqa: E402
 from brainseg_dist.train.step import LossTracker  # noqa: E402
 
+# Runtime calls that launch GPU work (a kernel, or a whole CUDA graph).
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+            "cudaGraphLaunch")
 PHASES = ("inputs", "augment", "forward", "loss", "tracker", "backward", "optimizer", "ema")
+PROFILED = ("wall_ms", "device_ms", "device_busy", "kernel_launches")
 # Profiler ranges that optimizers open: bookkeeping of the profiler, no work.
 _NOT_COUNTED = ("profiler.",)
 
@@ -128,6 +136,45 @@ def count_step(trainer: Trainer) -> PhaseCounter:
     return counter
 
 
+def profile_steps(trainer: Trainer, steps: int = 10) -> dict[str, float | None]:
+    """Milliseconds per training step: wall time (timed without the profiler, whose own
+    overhead would slow a host-bound step) and, on CUDA, the GPU's kernel time and kernel
+    launches per step (``torch.profiler``). ``device_busy`` is kernel time over wall time:
+    far below 1, the GPU waits for the host.
+
+    Args:
+        trainer: a built trainer; its first batches are reused round robin.
+        steps: steps timed, and then profiled, after three untimed ones.
+    """
+    device = trainer.accelerator.device
+    tracker = LossTracker(trainer.accelerator)
+    trainer.model.train()
+    trainer.augment.train()
+    batches = itertools.cycle(list(itertools.islice(iter(trainer.train_batches), 4)))
+    for _ in range(3):
+        trainer.train_step(*next(batches), tracker, 0)
+    _sync(device)
+    t0 = time.perf_counter()
+    for k in range(steps):
+        trainer.train_step(*next(batches), tracker, k)
+    _sync(device)
+    wall_ms = (time.perf_counter() - t0) / steps * 1000
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for k in range(steps):
+            trainer.train_step(*next(batches), tracker, k)
+        _sync(device)
+    events = prof.key_averages()
+    out: dict[str, float | None] = {"wall_ms": wall_ms, "device_ms": None,
+                                    "device_busy": None, "kernel_launches": None}
+    if cuda:
+        out["device_ms"] = sum(e.self_device_time_total for e in events) / steps / 1000
+        out["device_busy"] = out["device_ms"] / wall_ms
+        out["kernel_launches"] = sum(e.count for e in events if e.key in LAUNCHES) / steps
+    return out
+
+
 def _variants() -> list[tuple[str, dict[str, Any], bool]]:
     """``(name, overrides, foreach Adam)``: the config as given, each optimizer implementation
     (with torch's CUDA choice, foreach, here on any device) and each geometry."""
@@ -140,8 +187,10 @@ def _variants() -> list[tuple[str, dict[str, Any], bool]]:
     return rows
 
 
-def measure(config: str | None, overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant: the calls per phase and in all, on a small synthetic set."""
+def measure(config: str | None, overrides: dict[str, Any],
+            profile_steps_n: int = 0) -> list[dict[str, Any]]:
+    """One row per variant: the calls per phase and in all, on a small synthetic set; with
+    ``profile_steps_n``, also :func:`profile_steps` over that many steps."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_dataset(Path(tmp) / "synth", patients=4)
@@ -159,6 +208,11 @@ def measure(config: str | None, overrides: dict[str, Any]) -> list[dict[str, Any
             rows.append({"variant": name, **{p: counts.get(p, 0) for p in PHASES},
                          "total": sum(counts.values()),
                          "device": str(trainer.accelerator.device)})
+            if profile_steps_n:
+                try:  # CUDA's profiler needs CUPTI: a failure costs only these columns
+                    rows[-1].update(profile_steps(trainer, profile_steps_n))
+                except Exception as exc:
+                    rows[-1]["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return rows
 
 
@@ -167,17 +221,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the package defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, help="write the rows here too")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also time STEPS steps per variant, and profile as many (kernel time "
+                        "and launches per step on CUDA)")
     args = p.parse_args(argv)
     try:
-        rows = measure(args.config, parse_set_options(tuple(args.set)))
+        rows = measure(args.config, parse_set_options(tuple(args.set)), args.profile)
     except BrainsegError as exc:
         raise SystemExit(f"step_ops: {exc}") from None
     table = Table(title=f"Host calls per training step ({rows[0]['device']})")
-    for name in ("variant", *PHASES, "total"):
+    timed = [k for k in PROFILED if k in rows[0]]
+    for name in ("variant", *PHASES, "total", *timed):
         table.add_column(name, justify="left" if name == "variant" else "right")
     for r in rows:
-        table.add_row(r["variant"], *(str(r[k]) for k in (*PHASES, "total")))
-    Console(width=160).print(table)
+        table.add_row(r["variant"], *(str(r[k]) for k in (*PHASES, "total")),
+                      *("-" if r[k] is None else f"{r[k]:.3g}" for k in timed))
+    Console(width=200).print(table)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
 

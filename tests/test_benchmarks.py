@@ -300,6 +300,9 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     calls = summary["host_calls_per_step"]
     assert calls["optim.implementation: fused"]["optimizer"] <= 2
     assert calls["as configured"]["total"] > calls["optim.implementation: fused"]["total"]
+    for row in calls.values():  # timed on a CPU; kernel time and launches only on CUDA
+        assert _positive(row["wall_ms"])
+        assert row["device_ms"] is row["kernel_launches"] is None
     # Nothing is compiled in --cpu mode (and train.compile leaves a CPU's augmentation eager).
     assert summary["criteria"].pop("augment_share_of_compiled_step")["value"] is None
     for name, c in summary["criteria"].items():
