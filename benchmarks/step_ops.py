@@ -11,10 +11,11 @@ made them (augmentation, forward, loss, backward, optimizer, EMA, loss tracker; 
     python benchmarks/step_ops.py configs/lgg_unet128.yaml [--set key=value ...] [--json F]
 
 prints a table for the config as it resolves on this machine, and for each variant of the
-optimizer's kernels (``optim.implementation``) and of the augmentation's geometry
-(``augment.fused``). The counts are the same on any device up to the optimizer's choice
-(torch's default is foreach on CUDA, a for-loop on CPUs; ``fused`` is the same everywhere)
-and tensor-size-dependent kernels (none in this step).
+optimizer's kernels (``optim.implementation``), the augmentation's geometry
+(``augment.fused``) and the mixed precision. The counts are the same on any device up to the
+optimizer's choice (torch's default is foreach on CUDA, a for-loop on CPUs; ``fused`` is the
+same everywhere) and tensor-size-dependent kernels (none in this step). ``--profile N`` adds
+each variant's step time and, on CUDA, its GPU kernel time and kernel launches.
 """
 
 from __future__ import annotations
@@ -177,13 +178,15 @@ def profile_steps(trainer: Trainer, steps: int = 10) -> dict[str, float | None]:
 
 def _variants() -> list[tuple[str, dict[str, Any], bool]]:
     """``(name, overrides, foreach Adam)``: the config as given, each optimizer implementation
-    (with torch's CUDA choice, foreach, here on any device) and each geometry."""
+    (with torch's CUDA choice, foreach, here on any device), each geometry and precision."""
     rows = [("as configured", {}, False)]
     for impl in ("torch", "fused"):
         rows.append((f"optim.implementation: {impl}", {"optim.implementation": impl}, False))
     rows.append(("Adam foreach (torch's choice on CUDA)", {}, True))
     for fused in (False, True):
         rows.append((f"augment.fused: {str(fused).lower()}", {"augment.fused": fused}, False))
+    for amp in ("no", "bf16"):  # autocast's casts are host calls too
+        rows.append((f"train.mixed_precision: {amp}", {"train.mixed_precision": amp}, False))
     return rows
 
 

@@ -342,7 +342,7 @@ def test_step_ops_counts_every_variant_and_refuses_a_bad_key(tmp_path):
                           check=False, env={**os.environ, "BRAINSEG_NO_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())}
-    assert len(rows) == 6
+    assert len(rows) == 8
     for row in rows.values():
         assert row["total"] == sum(row[p] for p in ("inputs", "augment", "forward", "loss",
                                                     "tracker", "backward", "optimizer", "ema"))
@@ -351,6 +351,9 @@ def test_step_ops_counts_every_variant_and_refuses_a_bad_key(tmp_path):
             < rows["Adam foreach (torch's choice on CUDA)"]["optimizer"]
             < rows["optim.implementation: torch"]["optimizer"])  # a for-loop on a CPU
     assert "Adam foreach" in proc.stdout
+    casts = (rows["train.mixed_precision: bf16"]["forward"]
+             - rows["train.mixed_precision: no"]["forward"])
+    assert casts > 0  # autocast's casts
     bad = subprocess.run([sys.executable, str(script), "--set", "train.epoch=3"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0
