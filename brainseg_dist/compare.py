@@ -37,6 +37,11 @@ TIE = 5e-4
 # Keys that say where a run lived, not what it did.
 LOCATION_KEYS = ("train.output_dir", "data.cache_dir")
 SEED_KEY = "train.seed"
+# Speed and bookkeeping keys: the same training to rounding, so --pool-seeds pools over them
+# (a run saved before optim.implementation existed reads torch, a newer one auto).
+SPEED_KEYS = ("data.num_workers", "data.on_device", "data.device_memory_budget",
+              "train.log_every", "train.num_overlays", "train.export", "train.stop_after_epoch",
+              "train.cpu", "train.compile", "train.compile_mode", "optim.implementation")
 SELECTION_NOTE = ("choosing a recipe by this comparison selects on these patients: the "
                   "winner's CV figure is then optimistic; confirm it on patients outside them")
 
@@ -163,7 +168,7 @@ def _paired_runs(reference: CvRun, other: CvRun, seed: int) -> dict[str, Any]:
 
 def _recipe(run: CvRun) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in run.config.items()
-                        if k not in (*LOCATION_KEYS, SEED_KEY)))
+                        if k not in (*LOCATION_KEYS, SEED_KEY, *SPEED_KEYS)))
 
 
 def _pooled(runs: list[CvRun], seed: int) -> CvRun:
@@ -186,7 +191,8 @@ def _pooled(runs: list[CvRun], seed: int) -> CvRun:
 
 
 def pool_seeds(runs: list[CvRun], seed: int = 0) -> tuple[list[CvRun], list[dict[str, Any]]]:
-    """Group runs whose recipes differ only in ``train.seed`` (first appearance first).
+    """Group runs whose recipes differ only in ``train.seed`` and :data:`SPEED_KEYS` (first
+    appearance first).
 
     Returns:
         The pooled runs (see :func:`_pooled`), and the seed spread: for every recipe with

@@ -144,8 +144,9 @@ def _check_output_files(**files: Path | None) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap seed.")
 @click.option("--pool-seeds", is_flag=True,
-              help="Runs that differ only in train.seed are one recipe: average each "
-                   "patient over its seeds, compare the recipes, and show the seed spread.")
+              help="Runs that differ only in train.seed (and speed settings such as "
+                   "train.compile) are one recipe: average each patient over its seeds, "
+                   "compare the recipes, and show the seed spread.")
 @reports_errors
 def compare_command(cv_dirs: tuple[Path, ...], json_out: Path | None, figure: Path | None,
                     seed: int, pool_seeds: bool) -> None:
