@@ -102,6 +102,8 @@ def phases_of(trainer: Trainer, counter: PhaseCounter):
     if trainer.ema is not None:
         patched.append((trainer.ema, "update"))
         phases.append("ema")
+    # Accelerate may have set an instance attribute already (its autocast forward): keep it.
+    saved = [vars(obj).get(name) for obj, name in patched]
     for (obj, name), phase in zip(patched, phases, strict=True):
         setattr(obj, name, counter.labelled(phase, getattr(obj, name)))
     loss_fn = trainer_module.bce_dice_loss
@@ -110,8 +112,11 @@ def phases_of(trainer: Trainer, counter: PhaseCounter):
         yield
     finally:
         trainer_module.bce_dice_loss = loss_fn
-        for obj, name in patched:
-            delattr(obj, name)  # back to the class's method
+        for (obj, name), before in zip(patched, saved, strict=True):
+            if before is None:
+                delattr(obj, name)  # back to the class's method
+            else:
+                setattr(obj, name, before)
 
 
 class _LabelledTracker(LossTracker):

@@ -138,8 +138,12 @@ def test_optimizer_and_ema_are_a_few_host_calls_per_step(synth_root, tmp_path):
     for fused in (True, False):
         cfg = tiny_config(synth_root, tmp_path / str(fused), **{
             "train.epochs": 1, "optim.implementation": "fused", "train.ema_decay": 0.9,
-            "augment.fused": fused})
-        counts[fused] = count_step(Trainer(cfg)).counts
+            "augment.fused": fused, "train.mixed_precision": "bf16"})
+        trainer = Trainer(cfg)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        autocast_forward = vars(model)["forward"]  # Accelerate's, set on the instance
+        counts[fused] = count_step(trainer).counts
+        assert vars(model)["forward"] is autocast_forward  # the labels are taken off again
         assert set(counts[fused]) <= set(PHASES), counts[fused]
         assert counts[fused]["optimizer"] <= 2, counts[fused]
         assert counts[fused]["ema"] <= 3, counts[fused]
