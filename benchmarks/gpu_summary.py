@@ -1,7 +1,7 @@
 """``gpu_check.json``: the results of ``benchmarks/gpu_check.sh`` (``checks.json``,
 ``throughput.json``, ``train.json``, ``train_fast.json``, ``step_ops.json`` and the steps' exit
-statuses) against
-issue 12's targets. ``python benchmarks/gpu_checks.py summary --out DIR`` writes it."""
+statuses) against issue 12's targets. ``python benchmarks/gpu_checks.py summary --out DIR``
+writes it."""
 
 from __future__ import annotations
 
