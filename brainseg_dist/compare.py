@@ -28,6 +28,7 @@ import yaml
 
 from brainseg_dist import rundir
 from brainseg_dist.config import ADDED_KEYS, Config, dump_config
+from brainseg_dist.config import SPEED_KEYS as SPEED_KEYS_BY_SECTION
 from brainseg_dist.errors import BrainsegError
 from brainseg_dist.io import read_json
 from brainseg_dist.metrics import bootstrap_ci, patient_dice_summary
@@ -37,11 +38,10 @@ TIE = 5e-4
 # Keys that say where a run lived, not what it did.
 LOCATION_KEYS = ("train.output_dir", "data.cache_dir")
 SEED_KEY = "train.seed"
-# Speed and bookkeeping keys: the same training to rounding, so --pool-seeds pools over them
-# (a run saved before optim.implementation existed reads torch, a newer one auto).
-SPEED_KEYS = ("data.num_workers", "data.on_device", "data.device_memory_budget",
-              "train.log_every", "train.num_overlays", "train.export", "train.stop_after_epoch",
-              "train.cpu", "train.compile", "train.compile_mode", "optim.implementation")
+# The config's speed and bookkeeping keys as ``section.key``: --pool-seeds pools over them (a
+# run saved before optim.implementation existed reads torch, a newer one auto).
+SPEED_KEYS = tuple(f"{section}.{key}" for section, keys in SPEED_KEYS_BY_SECTION.items()
+                   for key in keys)
 SELECTION_NOTE = ("choosing a recipe by this comparison selects on these patients: the "
                   "winner's CV figure is then optimistic; confirm it on patients outside them")
 

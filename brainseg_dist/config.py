@@ -141,12 +141,12 @@ class TrainConfig:
 # Keys added after runs were saved, with the value that keeps the behaviour before them.
 ADDED_KEYS = {("optim", "scale_lr"): "none", ("model", "norm"): "batch",
                ("augment", "fused"): False, ("optim", "implementation"): "torch"}
-# Paths, run length, bookkeeping and speed settings: they may change on --resume.
-NOT_HASHED = {"data": ("data_dir", "cache_dir", "num_workers", "on_device",
-                       "device_memory_budget"),
-              "train": ("output_dir", "stop_after_epoch", "num_overlays", "cpu", "epochs",
-                        "patience", "export", "log_every", "compile", "compile_mode"),
-              "optim": ("implementation",)}
+# Speed and bookkeeping: the same training to rounding (compare --pool-seeds pools over them).
+SPEED_KEYS = {"data": ("num_workers", "on_device", "device_memory_budget"),
+              "train": ("stop_after_epoch", "num_overlays", "cpu", "export", "log_every",
+                        "compile", "compile_mode"), "optim": ("implementation",)}
+# Paths and run length. These and the speed keys may change on --resume: not in the hash.
+RUN_KEYS = {"data": ("data_dir", "cache_dir"), "train": ("output_dir", "epochs", "patience")}
 
 
 @dataclass
@@ -168,9 +168,8 @@ class Config:
         for (section, key), old_behaviour in ADDED_KEYS.items():
             if d[section][key] == old_behaviour:
                 d[section].pop(key)
-        for section, keys in NOT_HASHED.items():
-            for key in keys:
-                d[section].pop(key, None)
+        for section, keys in [*SPEED_KEYS.items(), *RUN_KEYS.items()]:
+            d[section] = {k: v for k, v in d[section].items() if k not in keys}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

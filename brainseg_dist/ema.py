@@ -45,15 +45,12 @@ class WeightEMA:
         weight = 1.0 - self.current_decay()
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), weight)
         pairs = list(zip(self.model.buffers(), model.buffers(), strict=True))
-        for floating in (True, False):  # running statistics; BatchNorm's step counters
-            chosen = [(a, b) for a, b in pairs if a.dtype.is_floating_point == floating]
-            if not chosen:
-                continue
-            averaged, live = (list(t) for t in zip(*chosen, strict=True))
-            if floating:
-                torch._foreach_lerp_(averaged, live, weight)
-            else:
-                torch._foreach_copy_(averaged, live)
+        stats = [(a, b) for a, b in pairs if a.dtype.is_floating_point]  # running statistics
+        counters = [(a, b) for a, b in pairs if not a.dtype.is_floating_point]  # BatchNorm's
+        if stats:
+            torch._foreach_lerp_([a for a, _ in stats], [b for _, b in stats], weight)
+        if counters:
+            torch._foreach_copy_([a for a, _ in counters], [b for _, b in counters])
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": torch.tensor(self.updates)}
