@@ -224,12 +224,18 @@ def measure(config: str | None, overrides: dict[str, Any],
     return rows
 
 
+def _steps(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps >= 0, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?", help="YAML config (default: the package defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, help="write the rows here too")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    p.add_argument("--profile", type=_steps, default=0, metavar="STEPS",
                    help="also time STEPS steps per variant, and profile as many (kernel time "
                         "and launches per step on CUDA)")
     args = p.parse_args(argv)

@@ -359,3 +359,7 @@ def test_step_ops_counts_every_variant_and_refuses_a_bad_key(tmp_path):
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "unknown key 'train.epoch'" in bad.stderr
+    negative = subprocess.run([sys.executable, str(script), "--profile", "-1"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, check=False)
+    assert negative.returncode == 2
+    assert "--profile: expected a whole number of steps >= 0, got '-1'" in negative.stderr
