@@ -8,7 +8,8 @@ A training run: ``config.yaml``, ``split.json``, ``metrics.jsonl``, ``best.pt``,
 when trained without ``data.data_dir``, ``synthetic/kaggle_3m`` (with its ``COMPLETE``
 marker). A cross-validation directory: ``cv_plan.json``, ``fold_<k>/`` (a training run each,
 plus ``postprocessing.json`` and ``fold_done.json``), ``ensemble_postprocessing.json``,
-``cv_summary.json``, ``cv_per_patient.csv``, and the ensemble's ``model.ts``/``model.pt2``.
+``cv_summary.json``, ``cv_per_patient.csv``, the ensemble's ``model.ts``/``model.pt2``, and
+with ``--jobs`` ``jobs/`` (the jobs' config and logs).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CV_PER_PATIENT = "cv_per_patient.csv"
 FOLD_DONE = "fold_done.json"
 FOLD_POSTPROCESSING = "postprocessing.json"  # in each fold: chosen on its inner validation
 ENSEMBLE_POSTPROCESSING = "ensemble_postprocessing.json"  # chosen on all out-of-fold preds
+CV_JOBS = "jobs"  # brainseg cv --jobs: config.yaml and fold_<k>.log of the fold jobs
 
 # Files whose presence means the directory holds (part of) a training run.
 RUN_FILES = (LAST, BEST, METRICS)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import patient_stack, run_cli, run_without_package
+from helpers import patient_stack, run_cli, run_without_package, unwrap
 
 from brainseg_dist.metrics import bootstrap_ci
 
@@ -31,9 +31,11 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
 
 @pytest.fixture(scope="module")
 def cv_run(synth_root, tmp_path_factory):
+    """The folds trained as 2 concurrent ``--fold K`` jobs (``--jobs``), then evaluated here;
+    the rerun test below goes through the sequential path."""
     out = tmp_path_factory.mktemp("cv") / "cv"
-    proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV],
-                   timeout=900)
+    proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV,
+                    "--jobs", "2"], timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc
 
@@ -233,6 +235,8 @@ def test_predict_with_the_ensemble_applies_its_postprocessing(cv_run, ensemble_t
     (["--folds", "9"], "9 folds"),  # 8 synthetic patients
     (["--folds", "3", "--fold", "3"], "--fold 3"),
     (["--split-seed", "-1"], "--split-seed"),  # the range train.seed allows
+    (["--jobs", "0"], "--jobs"),
+    (["--jobs", "2", "--fold", "1"], "--jobs 2 with --fold 1"),
 ])
 def test_cv_bad_arguments_get_one_clear_line(synth_root, tmp_path, args, named):
     proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", tmp_path / "cv",
@@ -243,3 +247,116 @@ def test_cv_bad_arguments_get_one_clear_line(synth_root, tmp_path, args, named):
     assert not (tmp_path / "cv" / "fold_0").exists()
     if named.startswith("--"):  # refused before anything was written
         assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.slow
+def test_a_fold_trained_as_a_job_equals_the_fold_trained_in_the_call(cv_run, synth_root,
+                                                                      tmp_path):
+    """``--jobs`` only moves where a fold trains: its job loads the call's config from
+    jobs/config.yaml and trains bit for bit what ``--fold 0`` trains in the calling process
+    (1 thread each: the job's share of this process's one)."""
+    from brainseg_dist.config import load_config
+    from brainseg_dist.cv import run_cv
+
+    out, proc = cv_run
+    text = proc.stdout + proc.stderr
+    assert "training 3 fold(s) as 2 concurrent jobs" in text
+    assert text.count("finished in") == 3
+    logs = [(out / "jobs" / f"fold_{k}.log").read_text() for k in range(3)]
+    assert all("best val per-patient Dice" in log for log in logs)
+    assert not any("evaluated" in log for log in logs)  # the jobs train; the call evaluates
+    options = dict(zip(TINY_CV[::2], TINY_CV[1::2], strict=True))
+    cfg = load_config(None, {"data.data_dir": str(synth_root), "train.output_dir": str(tmp_path),
+                             "train.epochs": 4, "data.image_size": 32, "model.base_width": 4,
+                             "train.batch_size": 8, "optim.lr": 0.01,
+                             "train.num_overlays": 0})
+    assert options["--folds"] == "3"
+    assert load_config(out / "jobs" / "config.yaml").hash() == cfg.hash()
+    assert run_cv(cfg, tmp_path, folds=3, only_fold=0) is None
+    job = torch.load(out / "fold_0" / "best.pt", weights_only=True)["model"]
+    here = torch.load(tmp_path / "fold_0" / "best.pt", weights_only=True)["model"]
+    assert job.keys() == here.keys()
+    assert all(torch.equal(job[k], here[k]) for k in job)
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_named_in_one_line_and_the_other_folds_finish(synth_root, tmp_path):
+    """A fold whose ``last.pt`` is damaged fails in its job; the call names the fold, the
+    job's own one-line error and its log, exits 1, and the other folds still train."""
+    out = tmp_path / "cv"
+    (out / "fold_1").mkdir(parents=True)
+    (out / "fold_1" / "last.pt").write_bytes(b"not a checkpoint")
+    proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV,
+                    "--jobs", "2"], timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    error = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, text
+    assert "fold 2/3 failed (exit status 1)" in error[0]
+    assert "last.pt: unreadable checkpoint" in error[0]
+    assert str(out / "jobs" / "fold_1.log") in unwrap(error[0])
+    assert (out / "fold_0" / "fold_done.json").is_file()
+    assert (out / "fold_2" / "fold_done.json").is_file()
+    assert not (out / "cv_summary.json").exists()
+
+
+def test_job_env_shares_threads_and_deals_gpus_round_robin(monkeypatch):
+    from brainseg_dist.cv.jobs import job_env
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    env = job_env(0, 3, on_cuda=False, base={"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "BRAINSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "2"}
+    assert job_env(1, 16, on_cuda=False, base={})["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    devices = [job_env(slot, 4, on_cuda=True, base={"CUDA_VISIBLE_DEVICES": "3,5"})
+               ["CUDA_VISIBLE_DEVICES"] for slot in range(4)]
+    assert devices == ["3", "5", "3", "5"]
+    assert job_env(1, 2, on_cuda=True, base={})["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in job_env(1, 2, on_cuda=False, base={})
+
+
+def test_jobs_are_refused_under_a_distributed_launch(synth_root, tmp_path, monkeypatch):
+    import brainseg_dist.cv as cv
+    from brainseg_dist.config import load_config
+    from brainseg_dist.errors import BrainsegError
+
+    monkeypatch.setattr(cv, "_num_processes", lambda: 2)
+    cfg = load_config(None, {"data.data_dir": str(synth_root)})
+    with pytest.raises(BrainsegError, match=r"--jobs 2: .*distributed launch"):
+        cv.run_cv(cfg, tmp_path / "cv", folds=3, jobs=2)
+    assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_call_stops_its_jobs(synth_root, tmp_path):
+    """A scheduler's cancel or ``kill`` reaches the call, not its jobs: the call stops them
+    before it exits (143), so no fold trains on unwatched; each resumes from last.pt."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cv"
+    args = [*TINY_CV, "--epochs", "200"]  # the later --epochs wins: long enough to interrupt
+    env = {**os.environ, "BRAINSEG_NO_PROGRESS": "1"}
+    call = subprocess.Popen([sys.executable, "-m", "brainseg_dist.cli", "cv", "--data-dir",
+                             str(synth_root), "--output-dir", str(out), *args, "--jobs", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = [out / f"fold_{k}" / "metrics.jsonl" for k in (0, 1)]
+
+    def epochs() -> list[int]:
+        return [len(p.read_text().splitlines()) if p.is_file() else 0 for p in metrics]
+
+    deadline = time.monotonic() + 300
+    while min(epochs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert min(epochs()) >= 2, "the jobs did not start training"
+    call.send_signal(signal.SIGTERM)
+    assert call.wait(timeout=60) == 128 + signal.SIGTERM
+    stopped = epochs()
+    time.sleep(5)
+    assert epochs() == stopped  # no job is still training
+    assert all((p.parent / "last.pt").is_file() for p in metrics)
+    assert max(stopped) < 200

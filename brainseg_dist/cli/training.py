@@ -159,10 +159,17 @@ main.add_command(train_command)
 @click.option("--split-seed", type=click.IntRange(0, 2**32 - 1), default=None,
               help="Seed of the folds (default: --seed). Fix it and vary --seed to retrain "
                    "the same folds with other seeds.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Folds trained at once, each as its own --fold process (logs in "
+                   "--output-dir/jobs/); CPU threads are shared out, several GPUs taken "
+                   "round-robin.")
+@click.option("--train-only", is_flag=True, hidden=True,
+              help="Train and stop; the caller evaluates (the jobs of --jobs).")
 @reports_errors
 def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool | None,
                skip_invalid: bool | None, folds: int, val_fraction: float,
-               only_fold: int | None, split_seed: int | None, **options) -> None:
+               only_fold: int | None, split_seed: int | None, jobs: int, train_only: bool,
+               **options) -> None:
     """Patient-level K-fold cross-validation of a config over the patients of --data-dir.
 
     Trains every fold into --output-dir/fold_<k> (resumable), chooses post-processing on each
@@ -177,7 +184,8 @@ def cv_command(config_path: Path | None, set_pairs: tuple[str, ...], cpu: bool |
     cfg = _config_from_options(config_path, set_pairs, cpu, skip_invalid, options)
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
     result = run_cv(cfg, cfg.train.output_dir, folds=folds, val_fraction=val_fraction,
-                    only_fold=only_fold, device=device, split_seed=split_seed)
+                    only_fold=only_fold, device=device, split_seed=split_seed, jobs=jobs,
+                    evaluate=not train_only)
     end_distributed()
     if result is not None:
         print_cv_summary(result.summary, result.out)

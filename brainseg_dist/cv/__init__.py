@@ -14,7 +14,8 @@ choice. Layout of ``DIR``::
 
 Folds are resumable: a finished fold is skipped, an interrupted one resumes from ``last.pt``.
 ``--fold K`` trains one fold only, so folds can run as separate jobs; the summary is written
-once every fold has finished.
+once every fold has finished. ``--jobs N`` starts those jobs itself, N at a time
+(:mod:`brainseg_dist.cv.jobs`).
 """
 
 from __future__ import annotations
@@ -122,6 +123,12 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def _num_processes() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
 @dataclass
 class CVResult:
     out: Path
@@ -129,9 +136,38 @@ class CVResult:
     per_patient: pd.DataFrame
 
 
+def _check_call(folds: int, only_fold: int | None, jobs: int) -> None:
+    """Refuse a call whose options contradict each other, before anything is decoded."""
+    if only_fold is not None and not 0 <= only_fold < folds:
+        raise BrainsegError(f"--fold {only_fold}: expected 0..{folds - 1}")
+    if jobs > 1 and only_fold is not None:
+        raise BrainsegError(f"--jobs {jobs} with --fold {only_fold}: --jobs starts one "
+                            "--fold job per fold itself; give one of them")
+    if jobs > 1 and _num_processes() > 1:
+        raise BrainsegError(f"--jobs {jobs}: the folds would each start under every process "
+                            "of this distributed launch; run brainseg cv --jobs without "
+                            "accelerate launch, or one fold per launch with --fold")
+
+
+def _saved_or_new_plan(plan: dict[str, Any], out: Path, only_fold: int | None
+                       ) -> dict[str, Any]:
+    """The plan saved in ``out`` (which this call must match), else ``plan``, now saved."""
+    plan_path = out / rundir.CV_PLAN
+    if plan_path.is_file():
+        saved = rundir.read_plan(out)
+        training = any(not (rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE).is_file()
+                       and only_fold in (None, s["fold"]) for s in saved["splits"])
+        _check_plan(saved, plan, plan_path, training)
+        return saved
+    if _is_main_process():
+        atomic_write_json(plan_path, plan)
+    return plan
+
+
 def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0.2,
            only_fold: int | None = None, batch_size: int = 16,
-           device: str = "cpu", split_seed: int | None = None) -> CVResult | None:
+           device: str = "cpu", split_seed: int | None = None,
+           jobs: int = 1, evaluate: bool = True) -> CVResult | None:
     """Cross-validate ``cfg`` over the patients of ``cfg.data.data_dir``.
 
     Args:
@@ -145,6 +181,9 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
         split_seed: seed of the folds (None: ``train.seed``). Two CVs with one split seed and
             different ``train.seed`` test the same patients per fold, so ``brainseg compare``
             pairs them: the seed-to-seed spread of a recipe.
+        jobs: folds trained at once, each as its own ``--fold K`` process (1: one after
+            another in this process).
+        evaluate: False: only train (the jobs of ``jobs``; their caller evaluates).
 
     Returns:
         :class:`CVResult` once every fold has finished (None after ``only_fold``, or on
@@ -154,20 +193,15 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
         BrainsegError: bad data root, a plan that does not match this call, a damaged fold.
     """
     out = Path(out)
-    if only_fold is not None and not 0 <= only_fold < folds:
-        raise BrainsegError(f"--fold {only_fold}: expected 0..{folds - 1}")
-    plan = make_plan(cfg, folds, val_fraction, split_seed)
-    plan_path = out / rundir.CV_PLAN
-    if plan_path.is_file():
-        saved = rundir.read_plan(out)
-        training = any(not (rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE).is_file()
-                       and only_fold in (None, s["fold"]) for s in saved["splits"])
-        _check_plan(saved, plan, plan_path, training)
-        plan = saved
-    elif _is_main_process():
-        atomic_write_json(plan_path, plan)
-    train_folds(cfg, out, plan, only_fold)
-    if not _is_main_process():
+    _check_call(folds, only_fold, jobs)
+    plan = _saved_or_new_plan(make_plan(cfg, folds, val_fraction, split_seed), out, only_fold)
+    if jobs > 1:
+        from brainseg_dist.cv.jobs import train_folds_as_jobs
+
+        train_folds_as_jobs(cfg, out, plan, jobs)
+    else:
+        train_folds(cfg, out, plan, only_fold)
+    if not (evaluate and _is_main_process()):
         return None
     unfinished = [s["fold"] for s in plan["splits"]
                   if not (rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE).is_file()]
