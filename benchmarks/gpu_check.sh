@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The whole GPU verification of the fast path in one prepared run: under 8 minutes on one
-# H100 or H200, with no network. --cpu (or GPU_CHECK_CPU=1) runs tiny versions of every step
-# on the CPU in about a minute; tests/test_benchmarks.py runs that mode, so the script cannot rot.
+# H100 or H200, with no network; with the real patients carried, a cross-validation of the GPU
+# recipe fills the rest of one 600 s device call. --cpu (or GPU_CHECK_CPU=1) runs tiny versions
+# of every step on the CPU in a few minutes; tests/test_benchmarks.py runs that mode, so the
+# script cannot rot.
 #
 #   mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/   # beforehand: .whl/ is ignored
+#   mkdir -p .data && cp ../shared/data/lgg-dev.tar.xz .data/  # for the cv step: ignored too
 #   bash benchmarks/gpu_check.sh           # results in $OUT, else runs/gpu_check
 #   bash benchmarks/gpu_check.sh --cpu
 #   bash benchmarks/gpu_check.sh --overwrite   # replace an earlier run's results
+# (device tool: one call, timeout 600, carry [".whl", ".data"]: about 62 MiB of its 64.)
 #
-# Steps, each under its own time limit (exit status and seconds go to gpu_check.json). On a GPU
-# the limits sum to 570 s, so a run fits one 600 s call of the device tool (a step that ignores
-# SIGTERM at its limit is killed 10 s later); the 2026-11-27 H200 run took 5, 14, 17, 88, 33
-# and 77 s for them:
+# Steps, in order of priority, each under its own time limit and all under one budget
+# (GPU_CHECK_BUDGET, 580 s on a GPU: a step gets the lesser of its limit and what is left, and
+# is skipped with under 10 s left), so a run fits one 600 s call of the device tool (a step
+# that ignores SIGTERM at its limit is killed 10 s later). Exit status and seconds of each go
+# to gpu_check.json; the 2026-11-27 H200 run took 5, 14, 17, 88, 33 and 77 s for kornia,
+# checks, pytest, throughput, train and train_fast:
 #   kornia      installed from .whl/ (pip --no-index --no-deps, into a scratch directory) when
 #               it is missing; the project runs from source (PYTHONPATH): nothing else is
 #               installed and nothing is downloaded or copied at run time
@@ -21,17 +27,22 @@
 #   pytest      the gpu-marked tests (the same checks under pytest), when pytest is installed
 #   throughput  the full benchmarks/throughput.py --json: the baseline at the dataset
 #               author's 4 loader workers and at more, every ablation, compiled training
+#   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
+#               with Adam's kernels (foreach, fused) and the geometry toggled; each variant's
+#               step time, and its GPU kernel time and launches (torch.profiler)
+#   cv          benchmarks/gpu_cv.py, when .data/lgg-dev.tar.xz was carried: 5-fold CV over the
+#               20 real patients of configs/lgg_unet128.yaml, then of the recipe before it
+#               (configs/experiments/lgg_unet128_seed.yaml), then with InstanceNorm, each as
+#               brainseg cv --jobs 5 (the folds share the GPU) at 50 epochs each, paired patient
+#               by patient, while its 240 s last
 #   train       3 epochs of configs/lgg_unet128.yaml (one-grid augmentation) on a synthetic
 #               set: images/s, peak memory
 #   train_fast  the same with train.compile (mode reduce-overhead: the model and the
 #               augmentation compiled, as CUDA graphs; GPU only)
-#   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
-#               with Adam's kernels (foreach, fused) and the geometry toggled; each variant's
-#               step time, and its GPU kernel time and launches (torch.profiler)
 #   summary     gpu_check.json: the targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
-# train.json, train_fast.json, step_ops.json (scratch data, runs and caches stay in a temporary
-# directory).
+# train.json, train_fast.json, step_ops.json, cv.json (scratch data, runs and caches stay in a
+# temporary directory).
 # They are written into OUT/partial/ and moved up when the run ends, so a killed run leaves its
 # partial results there and never mixes them with an earlier run's; earlier results need
 # --overwrite.
@@ -49,7 +60,7 @@ for arg in "$@"; do
     esac
 done
 RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json train_fast.json
-         step_ops.json)
+         step_ops.json cv.json)
 FINAL_DIR=${OUT:-runs/gpu_check}
 mkdir -p "$FINAL_DIR" || exit 2
 FINAL_DIR=$(cd "$FINAL_DIR" && pwd)
@@ -85,11 +96,21 @@ export PYTHONPATH="$REPO:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 export BRAINSEG_NO_PROGRESS=1 BRAINSEG_CACHE_DIR=$WORK/cache
 
 log() { echo "gpu_check: $*" | tee -a "$LOG"; }
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-$([[ $MODE == gpu ]] && echo 580 || echo 1200)}
 
-# step NAME LIMIT_S COMMAND...: run it under a time limit, log its output, record the result.
+# step NAME LIMIT_S COMMAND...: run it under a time limit (the lesser of LIMIT_S and what is
+# left of the budget), log its output, record the result.
 step() {
-    local name=$1 limit=$2 t0 rc ms
+    local name=$1 limit=$2 t0 rc ms left
     shift 2
+    left=$(( BUDGET - $(date +%s) + START - 5 ))
+    if (( left < 10 )); then
+        log "$name: skipped, ${left} s of the ${BUDGET} s budget left"
+        printf '%s skipped 0\n' "$name" >>"$STEPS"
+        return 1
+    fi
+    (( limit > left )) && limit=$left
     log "$name (limit ${limit} s): $*"
     t0=$(date +%s%N)
     timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -134,6 +155,15 @@ if [[ $MODE == gpu ]]; then
         step throughput 230 "$PY" benchmarks/throughput.py --device cuda --workers 4 \
         --baseline-workers "8,$CORES" --compile-budget 60 --compile-modes reduce-overhead \
         --json "$OUT_DIR/throughput.json" || FAILED=1
+    # Host calls per eager step, by phase, with the optimizer and geometry variants.
+    step step_ops 50 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 20 \
+        --json "$OUT_DIR/step_ops.json" || FAILED=1
+    if [[ -f .data/lgg-dev.tar.xz ]]; then
+        step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
+            --epochs 50 --deadline 240 --json "$OUT_DIR/cv.json" || FAILED=1
+    else
+        log "cv: skipped, no .data/lgg-dev.tar.xz (copy it there and carry .data)"
+    fi
     step train 50 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
         --epochs 3 --synthetic-patients 60 --work "$WORK/train" --json "$OUT_DIR/train.json" ||
         FAILED=1
@@ -142,9 +172,6 @@ if [[ $MODE == gpu ]]; then
         --epochs 3 --synthetic-patients 60 --set train.compile=true \
         --set train.compile_mode=reduce-overhead \
         --work "$WORK/train_fast" --json "$OUT_DIR/train_fast.json" || FAILED=1
-    # Host calls per eager step, by phase, with the optimizer and geometry variants.
-    step step_ops 50 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 20 \
-        --json "$OUT_DIR/step_ops.json" || FAILED=1
 else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
     step checks 120 "$PY" benchmarks/gpu_checks.py checks --device cpu --work "$WORK/checks" \
@@ -158,6 +185,8 @@ else
     step step_ops 120 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 2 \
         --set data.image_size=32 --set model.base_width=4 --set train.batch_size=8 \
         --set train.cpu=true --json "$OUT_DIR/step_ops.json" || FAILED=1
+    step cv 150 "$PY" benchmarks/gpu_cv.py --synthetic 4 --folds 2 --jobs 2 --recipes 2 --tiny \
+        --deadline 140 --json "$OUT_DIR/cv.json" || FAILED=1
 fi
 "$PY" benchmarks/gpu_checks.py summary --out "$OUT_DIR" --steps "$STEPS" >>"$LOG" 2>&1 ||
     FAILED=1

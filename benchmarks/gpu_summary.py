@@ -1,7 +1,7 @@
 """``gpu_check.json``: the results of ``benchmarks/gpu_check.sh`` (``checks.json``,
-``throughput.json``, ``train.json``, ``train_fast.json``, ``step_ops.json`` and the steps' exit
-statuses) against issue 12's targets. ``python benchmarks/gpu_checks.py summary --out DIR``
-writes it."""
+``throughput.json``, ``train.json``, ``train_fast.json``, ``step_ops.json``, ``cv.json`` and the
+steps' exit statuses) against issue 12's targets. ``python benchmarks/gpu_checks.py summary
+--out DIR`` writes it."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
     if steps_file is not None and steps_file.is_file():
         for line in steps_file.read_text().splitlines():
             name, rc, seconds = line.split()
-            steps[name] = {"exit_status": int(rc), "seconds": float(seconds)}
+            steps[name] = ({"skipped": "out of budget"} if rc == "skipped" else
+                           {"exit_status": int(rc), "seconds": float(seconds)})
     return {
         "device": bench.get("hardware", {}).get("device_name"),
         "criteria": criteria,
@@ -86,6 +87,21 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
         # Host calls per eager step (benchmarks/step_ops.py): variant -> phase -> calls.
         "host_calls_per_step": {r["variant"]: {k: v for k, v in r.items() if k != "variant"}
                                 for r in _load_list(out / "step_ops.json")},
+        "cv": _cv_summary(_load(out / "cv.json")),
         "steps": steps,
         "all_checks_ok": bool(checks) and all(r.get("ok") for r in checks.values()),
     }
+
+
+def _cv_summary(cv: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per recipe of ``cv.json`` (benchmarks/gpu_cv.py): per-patient Dice (post-processed,
+    plain), wall time, and the paired post-processed difference from the first recipe."""
+    if not cv:
+        return None
+    rows = {}
+    for name, r in cv.get("recipes", {}).items():
+        pair = (r.get("paired_against_first") or {}).get("post-processed") or {}
+        rows[name] = {"headline": r.get("headline"), "plain": r.get("plain"),
+                      "seconds": r.get("seconds"), "skipped": r.get("skipped"),
+                      "paired_mean": pair.get("mean"), "paired_ci95": pair.get("ci95")}
+    return {"data": cv.get("data"), "epochs": cv.get("epochs"), "recipes": rows}

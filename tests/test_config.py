@@ -14,12 +14,30 @@ from brainseg_dist.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cpu_small.yaml", "lgg_unet128.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "cpu_small.yaml", "lgg_unet128.yaml",
+                                  "experiments/cpu_small_v0.1.yaml",
+                                  "experiments/cpu_small_bn.yaml",
+                                  "experiments/lgg_unet128_seed.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     # The seed's batch 32, except where cross-validation measured another (docs/experiments.md).
     assert cfg.train.batch_size == (16 if name == "cpu_small.yaml" else 32)
     assert cfg.data.image_size == 128
+
+
+def test_gpu_recipe_differs_from_its_baseline_only_in_the_cv_adopted_choices():
+    """configs/lgg_unet128.yaml is its frozen predecessor plus the training choices that
+    cross-validation adopted for the CPU recipe, and nothing else (benchmarks/gpu_cv.py pairs
+    the two); the CPU recipe holds the same values."""
+    new = load_config(REPO / "configs" / "lgg_unet128.yaml").to_dict()
+    old = load_config(REPO / "configs" / "experiments" / "lgg_unet128_seed.yaml").to_dict()
+    cpu = load_config(REPO / "configs" / "cpu_small.yaml").to_dict()
+    changed = {(section, key) for section in new for key in new[section]
+               if new[section][key] != old[section][key]}
+    assert changed == {("augment", "gamma_p"), ("augment", "missing_sequence_p"),
+                       ("optim", "dice"), ("train", "ema_decay"), ("train", "select"),
+                       ("train", "patience")}
+    assert all(new[section][key] == cpu[section][key] for section, key in changed)
 
 
 def test_seed_defaults():
