@@ -68,9 +68,16 @@ def run_recipe(name: str, config: str, extra: list[str], root: Path, work: Path,
                *(["--epochs", str(args.epochs)] if args.epochs else [])]
     print(f"gpu_cv: {name}: {' '.join(command[3:])}", flush=True)
     t0 = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO)
     try:
-        rc = subprocess.run(command, cwd=REPO, timeout=seconds_left, check=False).returncode
+        rc: int | str = process.wait(timeout=seconds_left)
     except subprocess.TimeoutExpired:
+        process.terminate()  # brainseg cv stops its fold jobs on SIGTERM (SIGKILL would not)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         rc = "timeout"
     result: dict[str, Any] = {"config": config, "options": extra, "exit_status": rc,
                               "seconds": round(time.perf_counter() - t0, 1)}
