@@ -20,6 +20,7 @@ CPU mode of ``gpu_check.sh``).
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tarfile
@@ -82,8 +83,6 @@ def run_recipe(name: str, config: str, extra: list[str], root: Path, work: Path,
     result: dict[str, Any] = {"config": config, "options": extra, "exit_status": rc,
                               "seconds": round(time.perf_counter() - t0, 1)}
     if rc == 0:
-        import json
-
         import pandas as pd
 
         summary = json.loads((out / "cv_summary.json").read_text())

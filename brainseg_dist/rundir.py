@@ -72,6 +72,11 @@ def fold_dir(out: Path, fold: int) -> Path:
     return Path(out) / f"fold_{fold}"
 
 
+def fold_finished(out: Path, fold: int) -> bool:
+    """Whether fold ``fold`` of a cross-validation directory has trained to its end."""
+    return (fold_dir(out, fold) / FOLD_DONE).is_file()
+
+
 def is_cv_dir(path: str | Path) -> bool:
     """True for a directory written by ``brainseg cv``."""
     return (Path(path) / CV_PLAN).is_file()

@@ -88,7 +88,7 @@ def train_folds(cfg: Config, out: Path, plan: dict[str, Any],
         if only is not None and k != only:
             continue
         run = rundir.fold_dir(out, k)
-        if (run / rundir.FOLD_DONE).is_file():
+        if rundir.fold_finished(out, k):
             console.print(f"fold {k + 1}/{plan['folds']}: finished, skipped")
             continue
         resume = (run / rundir.LAST).is_file()
@@ -155,7 +155,7 @@ def _saved_or_new_plan(plan: dict[str, Any], out: Path, only_fold: int | None
     plan_path = out / rundir.CV_PLAN
     if plan_path.is_file():
         saved = rundir.read_plan(out)
-        training = any(not (rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE).is_file()
+        training = any(not rundir.fold_finished(out, s["fold"])
                        and only_fold in (None, s["fold"]) for s in saved["splits"])
         _check_plan(saved, plan, plan_path, training)
         return saved
@@ -204,7 +204,7 @@ def run_cv(cfg: Config, out: str | Path, folds: int = 5, val_fraction: float = 0
     if not (evaluate and _is_main_process()):
         return None
     unfinished = [s["fold"] for s in plan["splits"]
-                  if not (rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE).is_file()]
+                  if not rundir.fold_finished(out, s["fold"])]
     if unfinished:
         console.print(f"folds {', '.join(str(k) for k in unfinished)} not finished yet; the "
                       "summary is written when every fold is done")

@@ -108,7 +108,7 @@ def train_folds_as_jobs(cfg: Config, out: Path, plan: dict[str, Any], jobs: int)
     import torch
 
     todo = [s["fold"] for s in plan["splits"]
-            if not (rundir.fold_dir(out, s["fold"]) / rundir.FOLD_DONE).is_file()]
+            if not rundir.fold_finished(out, s["fold"])]
     if not todo:
         return
     on_cuda = torch.cuda.is_available() and not cfg.train.cpu
@@ -194,7 +194,7 @@ def _finish(job: _Job, out: Path, plan: dict[str, Any]) -> str | None:
         return (f"{name} failed (exit status {code}): {_last_line(job.log_path)} "
                 f"(log: {job.log_path})")
     minutes = (time.perf_counter() - job.started) / 60
-    if (rundir.fold_dir(out, job.fold) / rundir.FOLD_DONE).is_file():
+    if rundir.fold_finished(out, job.fold):
         console.print(f"{name}: finished in {minutes:.1f} min")
     else:
         console.print(f"{name}: stopped at epoch {_epochs_done(out, job.fold)} "
