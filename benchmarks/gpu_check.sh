@@ -176,7 +176,7 @@ else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
     step checks 120 "$PY" benchmarks/gpu_checks.py checks --device cpu --work "$WORK/checks" \
         --json "$OUT_DIR/checks.json" || FAILED=1
-    step throughput 120 "$PY" benchmarks/throughput.py --tiny --device cpu --no-scaling \
+    step throughput 120 "$PY" benchmarks/throughput.py --tiny --device cpu \
         --no-compile --baseline-workers 1 --json "$OUT_DIR/throughput.json" || FAILED=1
     step train 120 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
         --epochs 1 --synthetic-patients 4 --set data.image_size=32 --set model.base_width=4 \

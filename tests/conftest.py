@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from brainseg_dist.data.synth import write_synthetic_dataset
 
@@ -18,6 +21,27 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "lgg-dev.tar.xz"
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(folder)`` once per test session, shared by the pytest-xdist workers (the pattern
+    of xdist's documentation): the first worker to get here builds under a file lock, the
+    others wait and reuse its result. Only for fixtures that tests never write into.
+
+    Returns:
+        What ``build`` returned, read back from the finished build's marker.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    done = base / f"{name}.done"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.is_file():
+            folder = base / name
+            shutil.rmtree(folder, ignore_errors=True)  # a failed build's leftovers
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+    return Path(done.read_text())
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +56,8 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """8 synthetic patients (seed 0), written once per session. Read-only: copy to corrupt."""
-    root = tmp_path_factory.mktemp("synth") / "kaggle_3m"
-    return write_synthetic_dataset(root, patients=8, seed=0)
+    return built_once(tmp_path_factory, "synth", lambda folder: write_synthetic_dataset(
+        folder / "kaggle_3m", patients=8, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +74,17 @@ def real_root(tmp_path_factory) -> Path:
     archive = Path(os.environ.get("BRAINSEG_LGG_ARCHIVE") or DEFAULT_ARCHIVE)
     if not archive.is_file():
         pytest.skip(f"real LGG subset not found: {archive} (set BRAINSEG_LGG_ARCHIVE)")
-    dest = tmp_path_factory.mktemp("lgg")
-    with tarfile.open(archive, mode="r:xz") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, filter="data")
-        else:  # Python < 3.11.4 / 3.10.12 has no extraction filters
-            tar.extractall(dest)
-    root = dest / "kaggle_3m"
-    assert root.is_dir(), f"{archive} has no kaggle_3m folder"
-    return root
+
+    def unpack(dest: Path) -> Path:
+        with tarfile.open(archive, mode="r:xz") as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Python < 3.11.4 / 3.10.12 has no extraction filters
+                tar.extractall(dest)
+        assert (dest / "kaggle_3m").is_dir(), f"{archive} has no kaggle_3m folder"
+        return dest / "kaggle_3m"
+
+    return built_once(tmp_path_factory, "lgg", unpack)
 
 
 @pytest.fixture(scope="session")
@@ -71,24 +97,27 @@ def trained_run(tmp_path_factory) -> Path:
     from brainseg_dist.config import load_config
     from brainseg_dist.train import run_training
 
-    out = tmp_path_factory.mktemp("trained_run")
-    cache = tmp_path_factory.mktemp("trained_run_cache")
-    cfg = load_config(REPO / "configs" / "demo.yaml", {
-        "train.output_dir": str(out), "train.epochs": 2, "data.synthetic_patients": 8,
-        "data.cache_dir": str(cache), "train.num_overlays": 1, "train.export": False})
-    with pytest.MonkeyPatch.context() as mp:  # session scope: no function-level monkeypatch
-        mp.setenv("BRAINSEG_NO_PROGRESS", "1")
-        mp.setenv("BRAINSEG_CACHE_DIR", str(cache))
-        run_training(cfg)
-    return out
+    def train(folder: Path) -> Path:
+        out, cache = folder / "run", folder / "cache"
+        cfg = load_config(REPO / "configs" / "demo.yaml", {
+            "train.output_dir": str(out), "train.epochs": 2, "data.synthetic_patients": 8,
+            "data.cache_dir": str(cache), "train.num_overlays": 1, "train.export": False})
+        with pytest.MonkeyPatch.context() as mp:  # session scope: no function monkeypatch
+            mp.setenv("BRAINSEG_NO_PROGRESS", "1")
+            mp.setenv("BRAINSEG_CACHE_DIR", str(cache))
+            run_training(cfg)
+        return out
+
+    return built_once(tmp_path_factory, "trained_run", train)
 
 
 @pytest.fixture(scope="session")
-def trained_model_ts(trained_run) -> Path:
+def trained_model_ts(trained_run, tmp_path_factory) -> Path:
     """``model.ts`` of :func:`trained_run`, exported once per session."""
     from brainseg_dist.export import export_run
 
-    ts = trained_run / "model.ts"
-    if not ts.is_file():
+    def export(_folder: Path) -> Path:
         export_run(trained_run, pt2=False, onnx=False, verbose=False)
-    return ts
+        return trained_run / "model.ts"
+
+    return built_once(tmp_path_factory, "trained_model_ts", export)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import site
@@ -31,6 +32,11 @@ def run_cli(args, **kw) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "brainseg_dist.cli", *map(str, args)],
         capture_output=True, text=True, env=env, check=False, **kw,
     )
+
+
+def positive(x) -> bool:
+    """A finite number above 0 (measured figures: a rate, a ratio, a time)."""
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
 def unwrap(text: str) -> str:

@@ -287,7 +287,7 @@ def test_a_failed_job_is_named_in_one_line_and_the_other_folds_finish(synth_root
     (out / "fold_1").mkdir(parents=True)
     (out / "fold_1" / "last.pt").write_bytes(b"not a checkpoint")
     proc = run_cli(["cv", "--data-dir", synth_root, "--output-dir", out, *TINY_CV,
-                    "--jobs", "2"], timeout=900)
+                    "--epochs", "1", "--jobs", "2"], timeout=900)  # the later --epochs wins
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text
     assert "Traceback" not in text

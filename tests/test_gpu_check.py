@@ -5,34 +5,41 @@ benchmark tests is not one unit for pytest-xdist."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
+import pytest
+from helpers import REPO, positive
+
+from brainseg_dist.train.setup import resolve_mixed_precision
 
 
-def _positive(x) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x) and x > 0
-
-
-def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
-    """``benchmarks/gpu_check.sh --cpu``: the GPU verification's steps, tiny, on the CPU (the
-    checks with their CPU stand-ins, throughput --tiny, one epoch of lgg_unet128 shrunk)."""
-    import os
-
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def cpu_check(tmp_path_factory):
+    """One ``benchmarks/gpu_check.sh --cpu --overwrite`` run over an earlier run's leftovers:
+    its output directory and finished process. Its throughput.json and step_ops.json are the
+    benchmarks' own end-to-end tests too (each script run once per suite, not twice)."""
+    base = tmp_path_factory.mktemp("gpu_check")
+    out = base / "out"
     (out / "partial").mkdir(parents=True)  # an earlier run's leftovers, replaced on --overwrite
     (out / "partial" / "train.json").write_text("{}")
     (out / "throughput.json").write_text("{}")
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--overwrite"],
-        cwd=tmp_path, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+        cwd=base, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
         capture_output=True, text=True, timeout=600, check=False)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, proc.stderr[-2000:] + log[-4000:]
+    return out, log
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_every_step(cpu_check, tmp_path):
+    """``benchmarks/gpu_check.sh --cpu``: the GPU verification's steps, tiny, on the CPU (the
+    checks with their CPU stand-ins, throughput --tiny, one epoch of lgg_unet128 shrunk)."""
+    out, _ = cpu_check
     assert sorted(p.name for p in out.iterdir()) == [  # all that comes back from a GPU run
         "checks.json", "cv.json", "gpu_check.json", "gpu_check.log", "step_ops.json",
         "throughput.json", "train.json"]
@@ -55,16 +62,16 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     assert calls["optim.implementation: fused"]["optimizer"] <= 2
     assert calls["as configured"]["total"] > calls["optim.implementation: fused"]["total"]
     for row in calls.values():  # timed on a CPU; kernel time and launches only on CUDA
-        assert _positive(row["wall_ms"])
+        assert positive(row["wall_ms"])
         assert row["device_ms"] is row["kernel_launches"] is None
     # Nothing is compiled in --cpu mode (and train.compile leaves a CPU's augmentation eager).
     assert summary["criteria"].pop("augment_share_of_compiled_step")["value"] is None
     for name, c in summary["criteria"].items():
-        assert _positive(c["value"]), name
+        assert positive(c["value"]), name
         assert isinstance(c["met"], bool), name
     train = summary["train"]
-    assert _positive(train["train_images_per_second"][0])
-    assert _positive(train["peak_rss_gb"])
+    assert positive(train["train_images_per_second"][0])
+    assert positive(train["peak_rss_gb"])
     assert json.loads((out / "throughput.json").read_text())["train"]
 
     # A second run refuses to touch the first one's results, or a killed run's partial/,
@@ -84,11 +91,141 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+PIPELINE_KEYS = ("images_per_s", "median_step_s", "mean_images_per_s", "best_images_per_s",
+                 "speedup_vs_baseline")
+ABLATIONS = ("no_device_augment", "no_channels_last", "amp_toggled", "data_toggled",
+             "sync_per_step", "adam_toggled")
+
+
+@pytest.mark.slow
+def test_throughput_tiny_writes_every_ratio(cpu_check):
+    """``benchmarks/throughput.py --tiny`` as gpu_check.sh runs it on a CPU: every section of
+    the JSON it documents, and its rich table."""
+    out, log = cpu_check
+    assert "Training throughput" in log  # the rich table is always printed
+    res = json.loads((out / "throughput.json").read_text())
+    assert res["schema"] == 1
+    assert res["settings"]["mode"] == "tiny"
+    hw = res["hardware"]
+    assert hw["cpu_amx"] == (resolve_mixed_precision("auto", "cpu") == "bf16")
+    for key in ("device_name", "cpu_model", "cpu_cores_usable", "torch_threads", "torch",
+                "kornia", "accelerate"):
+        assert hw[key], key
+
+    data = res["data"]
+    assert data["source"] == "synthetic"
+    assert data["slices"] > 0
+    assert data["patients_from_cache"] == data["patients"]  # the second load hit the cache
+    for key in ("cold_slices_per_s", "cached_slices_per_s", "cache_speedup"):
+        assert positive(data[key]), key
+
+    train = res["train"]
+    assert train["baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert train["baseline"]["channels_last"] is False
+    assert train["baseline"]["mixed_precision"] == "no"
+    assert train["project"]["channels_last"] is True
+    # The project default on this CPU: bf16 with AMX, else off; the ablation toggles it.
+    cpu_amp = resolve_mixed_precision("auto", "cpu")
+    assert train["project"]["mixed_precision"] == cpu_amp
+    for name in ("baseline", "project"):
+        for key in PIPELINE_KEYS:
+            assert positive(train[name][key]), (name, key)
+    assert set(train["ablations"]) == set(ABLATIONS)
+    for name, r in train["ablations"].items():
+        for key in (*PIPELINE_KEYS, "ratio_vs_project", "ratio_vs_project_best",
+                    "project_choice_gain", "speedup_vs_baseline_best"):
+            assert positive(r[key]), (name, key)
+        assert r["ratio_vs_project"] * r["project_choice_gain"] == pytest.approx(1.0)
+    assert train["ablations"]["amp_toggled"]["mixed_precision"] == {"no": "bf16",
+                                                                     "bf16": "no"}[cpu_amp]
+    assert train["ablations"]["no_channels_last"]["channels_last"] is False
+    assert (train["project"]["adam"], train["ablations"]["adam_toggled"]["adam"]) == (
+        "torch", "fused")  # on a CPU; fused is the project's choice on CUDA
+    assert train["baseline"]["adam"] == "torch"
+    assert train["project"]["loader"] == "uint8 in-memory DataLoader, 0 workers"  # CPU default
+    assert train["ablations"]["data_toggled"]["loader"] == "uint8 held on the device"
+    assert set(train["baseline_workers"]) == {"1", "2"}
+    assert positive(train["baseline_sweep"]["baseline_workers_1"]["images_per_s"])
+    for name, r in train["ablations"].items():
+        assert positive(r["round_median_ratio_vs_project"]), name
+
+    aug = res["augment"]
+    for key in ("normalize_ms", "augment_ms", "augment_share_of_step", "input_share_of_step"):
+        assert positive(aug[key]), key
+    assert set(aug["ops_ms"]) == {"RandomHorizontalFlip", "RandomRotation",
+                                  "RandomElasticTransform"}
+
+    loader = res["loader"]
+    assert loader["project_data_on_device"] is False
+    for key in ("project_loader_images_per_s", "input_pipeline_images_per_s",
+                "baseline_loader_images_per_s", "loader_over_train",
+                "other_data_path_images_per_s"):
+        assert positive(loader[key]), key
+    assert isinstance(loader["loader_is_bottleneck"], bool)
+
+    inf = res["inference"]
+    for b in ("1", "32"):
+        row = inf[f"batch_{b}"]
+        assert {"eager", "torchscript"} <= set(row)
+        for name, r in row.items():
+            assert positive(r["median_latency_ms"]), (b, name)
+            assert positive(r["over_eager"]), (b, name)
+        assert positive(inf["torchscript_over_eager"][b])
+    assert inf["compile"]["status"] == "unavailable"
+    assert "skipped" in inf["compile"]["reason"]
+
+    # 1 against 2 gloo processes (skipped on one GPU: nothing to scale to).
+    sc = res["scaling"]
+    assert sc["status"] == "ok", sc
+    assert sc["backend"] == "gloo"
+    assert [r["processes"] for r in sc["runs"]] == [1, 2]
+    assert [r["global_batch"] for r in sc["runs"]] == [8, 16]
+    for r in sc["runs"]:
+        assert positive(r["images_per_s"])
+        assert positive(r["efficiency"])
+    assert sc["runs"][0]["speedup_vs_1"] == pytest.approx(1.0)
+    assert res["summary"]["scaling"]["processes"] == 2
+    summary = res["summary"]
+    assert positive(summary["project_speedup_vs_baseline"])
+    assert positive(summary["loader_over_train"])
+    for key in ("sync_free_gain", "data_toggled_ratio_vs_project", "augment_share_of_step",
+                "project_speedup_vs_best_baseline", "project_speedup_vs_sustained_baseline"):
+        assert positive(summary[key]), key
+    assert summary["baseline_sustained_images_per_s"] == min(
+        train["baseline"]["images_per_s"], loader["baseline_loader_images_per_s"])
+    assert set(summary["round_medians"]) == {"project_speedup_vs_baseline", *(
+        f"{name}_ratio_vs_project" for name in ABLATIONS)}
+    assert set(summary["round_medians_cpu_time"]) == {  # workers' CPU time is not measured
+        f"{name}_ratio_vs_project" for name in ABLATIONS if name != "no_device_augment"}
+    assert isinstance(summary["project_defaults_slower_than_alternative"], list)
+    assert isinstance(res["warnings"], list)
+
+
+
+
+@pytest.mark.slow
+def test_step_ops_counts_every_variant(cpu_check):
+    """``benchmarks/step_ops.py`` as gpu_check.sh runs it: one row per variant, phases adding
+    up to the total, Adam's implementations ordered by their host calls."""
+    out, log = cpu_check
+    rows = {r["variant"]: r for r in json.loads((out / "step_ops.json").read_text())}
+    assert len(rows) == 8
+    for row in rows.values():
+        assert row["total"] == sum(row[p] for p in ("inputs", "augment", "forward", "loss",
+                                                    "tracker", "backward", "optimizer", "ema"))
+    assert rows["optim.implementation: fused"]["optimizer"] <= 2
+    assert (rows["optim.implementation: fused"]["optimizer"]
+            < rows["Adam foreach (torch's choice on CUDA)"]["optimizer"]
+            < rows["optim.implementation: torch"]["optimizer"])  # a for-loop on a CPU
+    assert "Adam foreach" in log
+    casts = (rows["train.mixed_precision: bf16"]["forward"]
+             - rows["train.mixed_precision: no"]["forward"])
+    assert casts > 0  # autocast's casts
+
+
 def test_gpu_check_skips_the_steps_its_budget_cannot_hold(tmp_path):
     """GPU_CHECK_BUDGET bounds the whole run (580 s on a GPU, inside the device tool's 600 s
     call): a step gets what is left of it, and none starts with under 10 s left."""
-    import os
-
     out = tmp_path / "out"
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu"], cwd=tmp_path,
