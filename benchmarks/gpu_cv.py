@@ -5,8 +5,10 @@
 Each recipe runs as ``brainseg cv --jobs K`` (every fold at once, sharing the one GPU), in the
 order of :data:`RECIPES`, while the deadline leaves time. ``--json`` is rewritten after each
 recipe, so a step stopped at its limit keeps what finished: per recipe its exit status, wall
-time, the headline (post-processed) and plain per-patient Dice with their 95% CI, the
-per-patient table, and its paired difference from the first recipe (``brainseg compare``).
+time, each fold's training (epochs, last inner-validation Dice, images/s, seconds; kept for a
+recipe stopped at the deadline too), the headline (post-processed) and plain per-patient Dice
+with their 95% CI, the per-patient table, and its paired difference from the first recipe
+(``brainseg compare``).
 The real subset travels to the GPU machine as its archive (``--archive``: carry an ignored
 folder holding ``lgg-dev.tar.xz``); without one, ``--synthetic N`` patients stand in (the
 CPU mode of ``gpu_check.sh``).
@@ -81,7 +83,8 @@ def run_recipe(name: str, config: str, extra: list[str], root: Path, work: Path,
             process.wait()
         rc = "timeout"
     result: dict[str, Any] = {"config": config, "options": extra, "exit_status": rc,
-                              "seconds": round(time.perf_counter() - t0, 1)}
+                              "seconds": round(time.perf_counter() - t0, 1),
+                              "folds": fold_progress(out, args.folds)}
     if rc == 0:
         import pandas as pd
 
@@ -95,6 +98,28 @@ def run_recipe(name: str, config: str, extra: list[str], root: Path, work: Path,
     print(f"gpu_cv: {name}: exit status {rc} after {result['seconds']} s; "
           f"{result.get('headline', 'no result')}", flush=True)
     return result
+
+
+def fold_progress(out: Path, folds: int) -> list[dict[str, Any]]:
+    """Each fold's training as its run directory shows it, finished or not: epochs done, the
+    last epoch's inner-validation Dice and images/s, and the fold's training seconds once it
+    finished. This splits a recipe's time between training and the evaluation after it, and
+    keeps something of a recipe stopped at the deadline."""
+    from brainseg_dist import rundir
+
+    progress = []
+    for k in range(folds):
+        metrics = rundir.fold_dir(out, k) / rundir.METRICS
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()
+                if line.strip()] if metrics.is_file() else []
+        done = rundir.fold_dir(out, k) / rundir.FOLD_DONE
+        last = rows[-1] if rows else {}
+        progress.append({
+            "fold": k, "epochs": len(rows), "finished": done.is_file(),
+            "seconds": json.loads(done.read_text())["seconds"] if done.is_file() else None,
+            "val_dice_patient_mean": last.get("val_dice_patient_mean"),
+            "train_images_per_second": last.get("train_images_per_second")})
+    return progress
 
 
 def paired(first: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:

@@ -95,13 +95,19 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
 
 def _cv_summary(cv: dict[str, Any] | None) -> dict[str, Any] | None:
     """Per recipe of ``cv.json`` (benchmarks/gpu_cv.py): per-patient Dice (post-processed,
-    plain), wall time, and the paired post-processed difference from the first recipe."""
+    plain), wall time, the folds finished and the slowest one's training seconds (the rest
+    of the wall time is start-up and evaluation), and the paired post-processed difference
+    from the first recipe."""
     if not cv:
         return None
     rows = {}
     for name, r in cv.get("recipes", {}).items():
         pair = (r.get("paired_against_first") or {}).get("post-processed") or {}
+        folds = r.get("folds") or []
+        trained = [f["seconds"] for f in folds if f.get("seconds") is not None]
         rows[name] = {"headline": r.get("headline"), "plain": r.get("plain"),
                       "seconds": r.get("seconds"), "skipped": r.get("skipped"),
+                      "folds_finished": sum(bool(f.get("finished")) for f in folds),
+                      "slowest_fold_training_seconds": max(trained, default=None),
                       "paired_mean": pair.get("mean"), "paired_ci95": pair.get("ci95")}
     return {"data": cv.get("data"), "epochs": cv.get("epochs"), "recipes": rows}

@@ -58,6 +58,9 @@ def test_gpu_check_cpu_mode_runs_every_step(cpu_check, tmp_path):
     assert isinstance(cv["seed_recipe"]["paired_mean"], float)
     assert len(json.loads((out / "cv.json").read_text())["recipes"]["seed_recipe"]
                ["per_patient"]) == 4
+    for r in cv.values():  # --tiny: 2 folds of 2 epochs each
+        assert r["folds_finished"] == 2
+        assert 0 < r["slowest_fold_training_seconds"] < r["seconds"]
     calls = summary["host_calls_per_step"]
     assert calls["optim.implementation: fused"]["optimizer"] <= 2
     assert calls["as configured"]["total"] > calls["optim.implementation: fused"]["total"]
@@ -260,3 +263,26 @@ def test_gpu_cv_unpacks_the_carried_archive_to_a_kaggle_3m_root(real_root, tmp_p
     assert proc.stderr.strip() == (f"gpu_cv: {tmp_path / 'none.tar.xz'}: no such archive "
                                    "(carry it: see gpu_check.sh)")
     assert not (tmp_path / "cv.json").exists()
+
+
+def test_gpu_cv_fold_progress_keeps_what_a_stopped_recipe_trained(tmp_path):
+    """A recipe stopped at the deadline still reports its folds: epochs done, the last inner
+    validation Dice and images/s; training seconds only for a finished fold."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_cv
+
+    row = {"epoch": 0, "val_dice_patient_mean": 0.5, "train_images_per_second": 900.0}
+    (tmp_path / "fold_0").mkdir()
+    (tmp_path / "fold_0" / "metrics.jsonl").write_text(
+        json.dumps(row) + "\n" + json.dumps({**row, "epoch": 1, "val_dice_patient_mean": 0.7})
+        + "\n")
+    (tmp_path / "fold_0" / "fold_done.json").write_text(json.dumps({"seconds": 12.5}))
+    (tmp_path / "fold_1").mkdir()
+    (tmp_path / "fold_1" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    assert gpu_cv.fold_progress(tmp_path, 3) == [
+        {"fold": 0, "epochs": 2, "finished": True, "seconds": 12.5,
+         "val_dice_patient_mean": 0.7, "train_images_per_second": 900.0},
+        {"fold": 1, "epochs": 1, "finished": False, "seconds": None,
+         "val_dice_patient_mean": 0.5, "train_images_per_second": 900.0},
+        {"fold": 2, "epochs": 0, "finished": False, "seconds": None,
+         "val_dice_patient_mean": None, "train_images_per_second": None}]
