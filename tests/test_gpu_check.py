@@ -1,6 +1,7 @@
 """``benchmarks/gpu_check.sh`` (the prepared GPU verification) in its CPU mode, its time budget,
-and ``benchmarks/gpu_cv.py``'s data; apart from test_benchmarks.py so that the slowest file of
-benchmark tests is not one unit for pytest-xdist."""
+and ``benchmarks/gpu_cv.py``'s data and fold records. The one CPU-mode run is also the end-to-end
+test of ``throughput.py`` and ``step_ops.py``. Apart from test_benchmarks.py so that the slowest
+file of benchmark tests is not one unit for pytest-xdist."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from brainseg_dist.train.setup import resolve_mixed_precision
 @pytest.fixture(scope="module")
 def cpu_check(tmp_path_factory):
     """One ``benchmarks/gpu_check.sh --cpu --overwrite`` run over an earlier run's leftovers:
-    its output directory and finished process. Its throughput.json and step_ops.json are the
+    its output directory and log. Its throughput.json and step_ops.json are the
     benchmarks' own end-to-end tests too (each script run once per suite, not twice)."""
     base = tmp_path_factory.mktemp("gpu_check")
     out = base / "out"
