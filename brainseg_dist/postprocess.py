@@ -119,10 +119,9 @@ def label_components(mask: torch.Tensor, in_plane: bool = False,
         return labels
     src, dst = _touching_runs(list(v.shape), row, first, last, in_plane, full)
     parent = _union_roots(m, src, dst)
-    # Each foreground voxel's run: the last run that starts at or before it in raster order.
-    voxels = torch.nonzero(v.reshape(-1)).squeeze(1)
-    run = torch.searchsorted(row * v.shape[2] + first, voxels, right=True) - 1
-    labels.view(-1)[voxels] = parent[run] + 1
+    # Runs and foreground voxels share raster order: each run's label, once per voxel of it.
+    labels.view(-1).masked_scatter_(v.reshape(-1),
+                                    torch.repeat_interleave(parent + 1, last - first + 1))
     return labels
 
 
@@ -266,19 +265,43 @@ def candidates() -> list[PostProcessing]:
                 (False, True), COMPONENTS, (False, True), THRESHOLDS)]
 
 
+def _dice(overlap: int, predicted: int, true: int) -> float:
+    """Dice from voxel counts; 1.0 when both masks are empty."""
+    return 2 * overlap / (predicted + true) if predicted + true > 0 else 1.0
+
+
 def patient_dice(mask: torch.Tensor, truth: torch.Tensor) -> float:
     """3D Dice of one patient; 1.0 when both are empty."""
-    inter = float((mask & truth).sum())
-    denom = float(mask.sum() + truth.sum())
-    return 2 * inter / denom if denom > 0 else 1.0
+    return _dice(int((mask & truth).sum()), int(mask.sum()), int(truth.sum()))
+
+
+def _crop_to_candidates(p_id: torch.Tensor, p_flip: torch.Tensor, truth: torch.Tensor,
+                        settings: list[PostProcessing]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three volumes cut to the 3D box of every voxel that any setting can mark (its
+    probability above the lowest threshold): components and holes inside the box are those
+    of the whole volume, and the box is usually a small part of it."""
+    lowest = min(s.threshold for s in settings)
+    reach = torch.zeros(p_id.shape, dtype=torch.bool, device=p_id.device)
+    for tta in sorted({s.tta for s in settings}):
+        reach |= PostProcessing(tta, lowest).probabilities(p_id, p_flip) > lowest
+    if not bool(reach.any()):
+        return p_id, p_flip, truth  # every setting's mask is empty
+    z = torch.nonzero(reach.any(2).any(1)).squeeze(1)
+    y = torch.nonzero(reach.any(2).any(0)).squeeze(1)
+    x = torch.nonzero(reach.any(1).any(0)).squeeze(1)
+    box = (slice(int(z.min()), int(z.max()) + 1), slice(int(y.min()), int(y.max()) + 1),
+           slice(int(x.min()), int(x.max()) + 1))
+    return p_id[box], p_flip[box], truth[box]
 
 
 def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                      settings: list[PostProcessing]) -> np.ndarray:
     """Per-patient 3D Dice of every setting: ``len(settings) × len(patients)``.
 
-    Each thresholded volume is labelled once and shared by the component choices on it;
-    only hole filling needs the masks themselves.
+    Each patient is first cut to the box that any setting's mask can reach; each thresholded
+    volume is labelled once and shared by the component choices on it; only hole filling
+    needs the masks themselves.
 
     Args:
         patients: ``(p_identity, p_flipped, truth)`` per patient, each ``D×H×W``.
@@ -288,6 +311,7 @@ def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
     for j, (p_id, p_flip, truth) in enumerate(patients):
         truth = truth.to(torch.bool)
         n_truth = int(truth.sum())
+        p_id, p_flip, truth = _crop_to_candidates(p_id, p_flip, truth, settings)
         # Per thresholded volume: its labels, each label's voxel count and overlap with the
         # truth. A setting without hole filling is then scored from these counts alone.
         tables: dict[tuple[bool, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -306,11 +330,11 @@ def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
                 # Component choices often keep the same components (one blob): fill once.
                 kept = (key, tuple(torch.nonzero(keep).flatten().tolist()))
                 if kept not in filled:
-                    filled[kept] = patient_dice(fill_holes_2d(keep[labels]), truth)
+                    mask = fill_holes_2d(keep[labels])
+                    filled[kept] = _dice(int((mask & truth).sum()), int(mask.sum()), n_truth)
                 out[i, j] = filled[kept]
             else:
-                denom = int(sizes[keep].sum()) + n_truth
-                out[i, j] = 2 * int(overlap[keep].sum()) / denom if denom > 0 else 1.0
+                out[i, j] = _dice(int(overlap[keep].sum()), int(sizes[keep].sum()), n_truth)
     return out
 
 

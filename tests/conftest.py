@@ -112,6 +112,23 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ddp_run(synth_root, tmp_path_factory) -> Path:
+    """1 epoch of :func:`helpers.ddp_train_args` on :func:`synth_root` by 2 DDP processes
+    (torchrun, gloo), trained once per session: the reference of the process-count and
+    multi-machine tests. Read-only: copy it to change it."""
+    from helpers import ddp_train_args, torchrun
+
+    def train(folder: Path) -> Path:
+        job = torchrun(ddp_train_args(synth_root, folder / "run"))
+        log = job.communicate(timeout=300)[0]
+        assert job.returncode == 0, log[-3000:]
+        assert "training on 2 process(es)" in log
+        return folder / "run"
+
+    return built_once(tmp_path_factory, "ddp_run", train)
+
+
+@pytest.fixture(scope="session")
 def trained_model_ts(trained_run, tmp_path_factory) -> Path:
     """``model.ts`` of :func:`trained_run`, exported once per session."""
     from brainseg_dist.export import export_run

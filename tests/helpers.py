@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import site
+import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,37 @@ def run_cli(args, **kw) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "brainseg_dist.cli", *map(str, args)],
         capture_output=True, text=True, env=env, check=False, **kw,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a training child: no progress bars, one thread per process."""
+    return {**os.environ, "BRAINSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args, nproc: int = 2, **kw) -> subprocess.Popen:
+    """``python -m torch.distributed.run -m brainseg_dist.train ARGS`` on ``nproc`` CPU (gloo)
+    processes, output (stderr included) on ``stdout``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "brainseg_dist.train", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def ddp_train_args(root: Path, out: Path, epochs: int = 1) -> list[str]:
+    """A tiny run's training options. fp32 on every launcher: bf16 rounding depends on the
+    batch, which sharding changes, and "auto" is bf16 on a CPU with AMX under torchrun but
+    follows the accelerate config under ``accelerate launch``. Batch 8 over 2 ranks on 30%
+    validation patients leaves an uneven last batch."""
+    return ["--data-dir", str(root), "--output-dir", str(out), "--image-size", "32",
+            "--base-width", "4", "--batch-size", "8", "--epochs", str(epochs),
+            "--set", "data.val_fraction=0.3", "--set", "train.num_overlays=1",
+            "--set", "train.export=false", "--set", "train.mixed_precision=no"]
 
 
 def positive(x) -> bool:

@@ -12,44 +12,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import child_env, ddp_train_args, free_port, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 DEAD_RANK_LIMIT_S = 60
 VAL_KEYS = ("val_loss", "val_dice", "val_dice_patient_mean", "val_dice_patient_median",
             "val_dice_tumour_slices")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_args(root: Path, out: Path, epochs: int) -> list[str]:
-    return ["--data-dir", str(root), "--output-dir", str(out), "--image-size", "32",
-            "--base-width", "4", "--batch-size", "8", "--epochs", str(epochs),
-            "--set", "train.num_overlays=0", "--set", "train.export=false",
-            # fp32 on every launcher: "auto" is bf16 on a CPU with AMX under torchrun but
-            # follows the accelerate config (off) under accelerate launch.
-            "--set", "train.mixed_precision=no"]
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "BRAINSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "brainseg_dist.train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def worker_of_rank(agent_pid: int, rank: int, timeout: float = 60) -> int:
@@ -74,7 +48,7 @@ def accelerate_two_machines(tmp_path: Path, args: list[str]) -> list[subprocess.
     accelerate = Path(sys.executable).parent / "accelerate"
     return [subprocess.Popen(
         [str(accelerate), "launch", "--config_file", str(config), "--machine_rank", str(rank),
-         "-m", "brainseg_dist.train", *args], cwd=REPO, env=child_env(),
+         "-m", "brainseg_dist.train", *map(str, args)], cwd=REPO, env=child_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
 
 
@@ -85,7 +59,7 @@ def test_killing_one_rank_ends_the_job(layout, synth_root, tmp_path):
     machines: machine 0's agent cannot see rank 1; its worker's next gloo collective fails
     on the closed connection, and each launcher exits non-zero."""
     out = tmp_path / "run"
-    args = train_args(synth_root, out, epochs=200)
+    args = ddp_train_args(synth_root, out, epochs=200)
     jobs = [torchrun(args)] if layout == "one machine" else accelerate_two_machines(tmp_path,
                                                                                    args)
     try:
@@ -127,23 +101,18 @@ def multinode_config(tmp_path: Path, port: int) -> Path:
 
 
 @pytest.mark.slow
-def test_two_machines_on_localhost_match_one_machine(synth_root, tmp_path):
-    single = torchrun(train_args(synth_root, tmp_path / "single", epochs=1))
-    log = single.communicate(timeout=300)[0]
-    assert single.returncode == 0, log[-3000:]
-
-    machines = accelerate_two_machines(tmp_path, train_args(synth_root, tmp_path / "multi",
-                                                            epochs=1))
+def test_two_machines_on_localhost_match_one_machine(ddp_run, synth_root, tmp_path):
+    """The same run as :func:`ddp_run` (one machine, 2 processes), on 2 machines."""
+    machines = accelerate_two_machines(tmp_path, ddp_train_args(synth_root, tmp_path / "multi"))
     logs = [m.communicate(timeout=300)[0] for m in machines]
     for rank, (m, text) in enumerate(zip(machines, logs, strict=True)):
         assert m.returncode == 0, f"machine {rank}:\n{text[-3000:]}"
     assert "training on 2 process(es)" in logs[0]
 
     def rows(run):
-        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text()
-                .splitlines()]
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
-    one, two = rows("single"), rows("multi")
+    one, two = rows(ddp_run), rows(tmp_path / "multi")
     assert len(one) == len(two) == 1
     for key in VAL_KEYS:
         assert one[0][key] == pytest.approx(two[0][key], rel=1e-6, abs=1e-7), key

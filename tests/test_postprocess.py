@@ -130,8 +130,16 @@ def test_score_candidates_equals_masks_dice():
     p_flip = torch.rand(6, 24, 24, generator=g) ** 3
     truth = torch.zeros(6, 24, 24, dtype=torch.bool)
     truth[1:4, 5:15, 5:15] = True
+    # Probabilities in a box (scores are computed inside it), with a ring around a hole, two
+    # blobs of different sizes, and truth also outside the box.
+    boxed = torch.zeros(6, 24, 24)
+    boxed[2:5, 8:18, 10:20] = 0.9
+    boxed[3, 11:15, 13:17] = 0.1  # a hole in a slice of the big blob
+    boxed[1, 3:5, 3:5] = 0.35     # a small blob, above only the lowest thresholds
+    missed = truth.clone()
+    missed[0, 20:23, 20:23] = True  # outside the box
     patients = [(p_id, p_flip, truth), (p_id, p_flip, torch.zeros_like(truth)),
-                (p_id * 0.1, p_flip * 0.1, truth)]
+                (p_id * 0.1, p_flip * 0.1, truth), (boxed, boxed.flip(2), missed)]
     settings = pp.candidates()
     scores = pp.score_candidates(patients, settings)
     for i, setting in enumerate(settings):

@@ -6,14 +6,13 @@ import copy
 import hashlib
 import itertools
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from helpers import ddp_train_args, torchrun
 
 from brainseg_dist import checkpoint
 from brainseg_dist.augment import DeviceAugment
@@ -362,34 +361,21 @@ def test_compiled_training_steps_match_eager(synth_root, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
-def _launch(args, nproc, cwd, port):
-    env = {**os.environ, "BRAINSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={port}", "-m", "brainseg_dist.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
-                          check=False)
-
-
 @pytest.mark.slow
-def test_one_and_two_gloo_processes_report_the_same_validation(synth_root, tmp_path):
-    """Train in 2 DDP processes, then validate the same weights with 1 and with 2 processes.
+def test_one_and_two_gloo_processes_report_the_same_validation(ddp_run, synth_root, tmp_path):
+    """Validate the weights of a 2-process DDP run with 1 and with 2 processes.
 
     Batch 8 over 2 ranks leaves an uneven last batch, so this also checks that the padding
     duplicates are dropped before the per-patient Dice is computed.
     """
     out = tmp_path / "ddp"
-    common = ["--data-dir", str(synth_root), "--output-dir", str(out), "--image-size", "32",
-              "--base-width", "4", "--batch-size", "8", "--set", "train.num_overlays=1",
-              "--set", "data.val_fraction=0.3", "--set", "train.export=false",
-              # fp32: bf16 rounding depends on the batch, which the sharding changes.
-              "--set", "train.mixed_precision=no"]
-    trained = _launch([*common, "--epochs", "1"], 2, REPO, 29611)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "training on 2 process(es)" in trained.stderr
+    shutil.copytree(ddp_run, out)
     results = {}
-    for nproc, port in ((1, 29612), (2, 29613)):
-        r = _launch([*common, "--validate-only", str(out / "best.pt")], nproc, REPO, port)
-        assert r.returncode == 0, r.stderr[-3000:]
+    for nproc in (1, 2):
+        job = torchrun([*ddp_train_args(synth_root, out), "--validate-only", out / "best.pt"],
+                       nproc)
+        log = job.communicate(timeout=300)[0]
+        assert job.returncode == 0, log[-3000:]
         results[nproc] = json.loads((out / "validation.json").read_text())
     one, two = results[1], results[2]
     assert (one["processes"], two["processes"]) == (1, 2)
