@@ -15,7 +15,7 @@ CPU mode of ``gpu_check.sh``).
 
     python benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --epochs 50 --deadline 240 \
         --json cv.json
-    python benchmarks/gpu_cv.py --synthetic 4 --folds 2 --jobs 2 --recipes 2 --tiny \
+    python benchmarks/gpu_cv.py --synthetic 4 --folds 2 --jobs 1 --recipes 2 --tiny \
         --json cv.json   # the CPU mode: seconds
 """
 

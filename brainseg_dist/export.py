@@ -219,6 +219,13 @@ def export_run(run_dir: str | Path, checkpoint: str | Path = rundir.BEST,
     return res
 
 
+def export_torchscript(run_dir: str | Path) -> ExportResult:
+    """Only a run's ``model.ts`` (and its model card), parity-checked: what ``predict`` needs
+    when a run directory has none. The torch.export program and ONNX would add about 20 s on
+    a CPU; ``brainseg export`` writes them."""
+    return export_run(run_dir, pt2=False, onnx=False)
+
+
 def write_checked_exports(eager: nn.Module, scripted: torch.jit.ScriptModule,
                           images: torch.Tensor, source: str, out: Path,
                           meta: dict[str, Any], tolerance: float, pt2: bool,

@@ -20,7 +20,9 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
 fi
 # Two pytest workers (pytest-xdist), one test file each at a time, so a file's module-scoped
 # fixtures are built once: on 2 cores the suite took 414 s against about 700 s in one process.
+# Files go out in collection order, which tests/conftest.py starts with the longest ones
+# (xdist's default would order them by their number of tests).
 # OpenMP threads sleep rather than spin when the two workers' torch threads share the cores.
 # `bash launch/test.sh -n 0` runs it in one process.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"

@@ -51,7 +51,7 @@ def test_gpu_check_cpu_mode_runs_every_step(cpu_check, tmp_path):
                                       "compiled_augment_draws"}
     assert {name: s["exit_status"] for name, s in summary["steps"].items()} == {
         "kornia": 0, "checks": 0, "throughput": 0, "train": 0, "step_ops": 0, "cv": 0}
-    # gpu_cv.py: two recipes cross-validated as --jobs, the second paired with the first.
+    # gpu_cv.py: two recipes cross-validated, the second paired with the first.
     cv = summary["cv"]["recipes"]
     assert list(cv) == ["lgg_unet128", "seed_recipe"]
     assert all(0 <= r["headline"]["dice_patient_mean"] <= 1 for r in cv.values())

@@ -14,7 +14,6 @@ import torch
 from helpers import PNG_SIGNATURE, run_cli, tree_hashes, truncate_half, unwrap
 
 from brainseg_dist.errors import BrainsegError, DatasetError
-from brainseg_dist.export import export_run
 from brainseg_dist.pipeline import load_torchscript
 from brainseg_dist.predict import find_inputs, predict
 
@@ -91,17 +90,20 @@ def test_root_input_masks_and_csvs(predicted_root, input_root, model_ts):
 
 
 def test_folder_input_with_run_dir_as_model(trained_run, input_root, predicted_root, tmp_path):
-    """MODEL is a run directory without model.ts: it is exported first."""
+    """MODEL is a run directory without model.ts: ``brainseg predict`` exports model.ts first,
+    and only that (the torch.export program and ONNX are ``brainseg export``'s)."""
     run = tmp_path / "run"
     run.mkdir()
     for name in ("best.pt", "config.yaml", "split.json"):
         shutil.copy2(trained_run / name, run / name)
     os.symlink(trained_run / "synthetic", run / "synthetic")
     folder = sorted(p for p in input_root.iterdir() if p.name.startswith("TCGA"))[0]
-    result = predict(run, folder, tmp_path / "out", overlays=False, show_progress=False,
-                     export_missing=export_run)
+    proc = run_cli(["predict", run, folder, tmp_path / "out", "--no-overlays"])
+    assert proc.returncode == 0, proc.stderr
+    assert "model.ts not found: exporting it" in unwrap(proc.stdout + proc.stderr)
     assert (run / "model.ts").is_file()
-    assert result.kind == "folder"
+    assert not (run / "model.pt2").exists()
+    assert not (run / "model.onnx").exists()
     assert not (tmp_path / "out" / folder.name / "overlays").exists()
     first = images_of(folder)[len(images_of(folder)) // 2]
     name = f"{first.stem}_mask.tif"

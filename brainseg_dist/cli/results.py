@@ -104,14 +104,14 @@ def predict_command(model: Path, paths: tuple[Path, ...], pre: Path | None, flai
     files (0000 pre-contrast, 0001 FLAIR, 0002 post-contrast) or a folder of them; or leave
     INPUT out and give --flair (with --pre/--post). Writes masks (CASE_seg.nii.gz for NIfTI),
     overlays and tumour-size CSVs (mm³ for NIfTI) to OUT."""
-    from brainseg_dist.export import export_run
+    from brainseg_dist.export import export_torchscript
     from brainseg_dist.predict import predict
 
     if len(paths) > 2:
         raise click.UsageError(f"expected [INPUT] OUT, got {len(paths)} paths")
     input_path, out = (None, paths[0]) if len(paths) == 1 else paths
     r = predict(model, input_path, out, batch_size=batch_size, device=device,
-                threshold=threshold, overlays=not no_overlays, export_missing=export_run,
+                threshold=threshold, overlays=not no_overlays, export_missing=export_torchscript,
                 pre=pre, flair=flair, post=post)
     if r.kind == "nifti":
         total = float(r.volume["volume_mm3"].sum()) if len(r.volume) else 0.0
