@@ -169,6 +169,7 @@ def test_no_data_dir_trains_on_synthetic_data_and_exports(tmp_path):
     assert (tmp_path / "synthetic" / "kaggle_3m" / "data.csv").is_file()
     assert result.epochs_run == 1
     assert (tmp_path / "model.ts").is_file()  # the best model, exported when training ends
+    assert (tmp_path / "model.pt2").is_file()
 
 
 def test_lr_schedule_and_precision_defaults():
