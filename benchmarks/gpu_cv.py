@@ -106,12 +106,12 @@ def fold_progress(out: Path, folds: int) -> list[dict[str, Any]]:
     finished. This splits a recipe's time between training and the evaluation after it, and
     keeps something of a recipe stopped at the deadline."""
     from brainseg_dist import rundir
+    from brainseg_dist.io import read_jsonl
 
     progress = []
     for k in range(folds):
         metrics = rundir.fold_dir(out, k) / rundir.METRICS
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()
-                if line.strip()] if metrics.is_file() else []
+        rows = read_jsonl(metrics, "metrics file") if metrics.is_file() else []
         done = rundir.fold_dir(out, k) / rundir.FOLD_DONE
         last = rows[-1] if rows else {}
         progress.append({

@@ -79,8 +79,8 @@ def overlap_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     pred = pred.bool().flatten(1)
     target = target.bool().flatten(1)
-    counts = [m.view(torch.uint8).sum(1, dtype=torch.int32) for m in (pred & target, pred,
-                                                                      target)]
+    counts = [m.view(torch.uint8).sum(1, dtype=torch.int32)
+              for m in (pred & target, pred, target)]
     return torch.stack(counts, dim=1).long()
 
 

@@ -281,33 +281,36 @@ def patient_dice(mask: torch.Tensor, truth: torch.Tensor) -> float:
     return _dice(_count(mask & truth), _count(mask), _count(truth))
 
 
-def _crop_to_candidates(p_id: torch.Tensor, p_flip: torch.Tensor, truth: torch.Tensor,
-                        settings: list[PostProcessing]
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three volumes cut to the 3D box of every voxel that any setting can mark (its
-    probability above the lowest threshold): components and holes inside the box are those
-    of the whole volume, and the box is usually a small part of it."""
+def _probabilities_in_reach(p_id: torch.Tensor, p_flip: torch.Tensor, truth: torch.Tensor,
+                            settings: list[PostProcessing]
+                            ) -> tuple[dict[bool, torch.Tensor], torch.Tensor]:
+    """The probabilities of each TTA choice among ``settings`` (computed once) and the truth,
+    cut to the 3D box of every voxel that any setting can mark (its probability above the
+    lowest threshold): components and holes inside the box are those of the whole volume,
+    and the box is usually a small part of it."""
     lowest = min(s.threshold for s in settings)
+    probs = {tta: PostProcessing(tta).probabilities(p_id, p_flip)
+             for tta in sorted({s.tta for s in settings})}
     reach = torch.zeros(p_id.shape, dtype=torch.bool, device=p_id.device)
-    for tta in sorted({s.tta for s in settings}):
-        reach |= PostProcessing(tta, lowest).probabilities(p_id, p_flip) > lowest
+    for p in probs.values():
+        reach |= p > lowest
     if not bool(reach.any()):
-        return p_id, p_flip, truth  # every setting's mask is empty
+        return probs, truth  # every setting's mask is empty
     z = torch.nonzero(reach.any(2).any(1)).squeeze(1)
     y = torch.nonzero(reach.any(2).any(0)).squeeze(1)
     x = torch.nonzero(reach.any(1).any(0)).squeeze(1)
     box = (slice(int(z.min()), int(z.max()) + 1), slice(int(y.min()), int(y.max()) + 1),
            slice(int(x.min()), int(x.max()) + 1))
-    return p_id[box], p_flip[box], truth[box]
+    return {tta: p[box] for tta, p in probs.items()}, truth[box]
 
 
 def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                      settings: list[PostProcessing]) -> np.ndarray:
     """Per-patient 3D Dice of every setting: ``len(settings) × len(patients)``.
 
-    Each patient is first cut to the box that any setting's mask can reach; each thresholded
-    volume is labelled once and shared by the component choices on it; only hole filling
-    needs the masks themselves.
+    Each patient's probabilities are averaged once per TTA choice and cut to the box that any
+    setting's mask can reach; each thresholded volume is labelled once and shared by the
+    component choices on it; only hole filling needs the masks themselves.
 
     Args:
         patients: ``(p_identity, p_flipped, truth)`` per patient, each ``D×H×W``.
@@ -317,7 +320,7 @@ def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
     for j, (p_id, p_flip, truth) in enumerate(patients):
         truth = truth.to(torch.bool)
         n_truth = _count(truth)
-        p_id, p_flip, truth = _crop_to_candidates(p_id, p_flip, truth, settings)
+        probs, truth = _probabilities_in_reach(p_id, p_flip, truth, settings)
         # Per thresholded volume: its labels, each label's voxel count and overlap with the
         # truth. A setting without hole filling is then scored from these counts alone.
         tables: dict[tuple[bool, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -325,7 +328,7 @@ def score_candidates(patients: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
         for i, s in enumerate(settings):
             key = (s.tta, s.threshold)
             if key not in tables:
-                labels = label_components(s.probabilities(p_id, p_flip) > s.threshold)
+                labels = label_components(probs[s.tta] > s.threshold)
                 sizes = torch.bincount(labels.reshape(-1))
                 overlap = torch.bincount(labels[truth], minlength=sizes.numel())
                 tables[key] = (labels, sizes, overlap)

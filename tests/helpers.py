@@ -46,11 +46,12 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "BRAINSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(args, nproc: int = 2, **kw) -> subprocess.Popen:
-    """``python -m torch.distributed.run -m brainseg_dist.train ARGS`` on ``nproc`` CPU (gloo)
-    processes, output (stderr included) on ``stdout``."""
+def torchrun(args, nproc: int = 2, program=("-m", "brainseg_dist.train"), **kw
+             ) -> subprocess.Popen:
+    """``python -m torch.distributed.run PROGRAM ARGS`` (default: the training entry point) on
+    ``nproc`` CPU (gloo) processes on a free port, output (stderr included) on ``stdout``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "brainseg_dist.train", *map(str, args)]
+           f"--master_port={free_port()}", *map(str, program), *map(str, args)]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 

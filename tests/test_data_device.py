@@ -5,9 +5,6 @@ and the same training."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import torchrun
 from test_train import tiny_config
 
 from brainseg_dist.data import SliceData
@@ -133,12 +131,9 @@ RANK_SCRIPT = textwrap.dedent("""
 def test_two_gloo_ranks_draw_the_dataloader_shards(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port=29617", str(script), str(REPO / "tests"), str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = torchrun([REPO / "tests", tmp_path], program=[script])
+    log = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, log[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["same"] and r["processes"] == 2 for r in ranks)
     assert ranks[0]["indices"] != ranks[1]["indices"]
