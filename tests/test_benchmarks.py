@@ -159,3 +159,27 @@ def test_step_ops_refuses_a_bad_key_in_one_line(tmp_path):
                               capture_output=True, text=True, timeout=300, check=False)
     assert negative.returncode == 2
     assert "--profile: expected a whole number of steps >= 0, got '-1'" in negative.stderr
+
+
+def test_step_ops_device_time_counts_each_kernel_once():
+    """``step_ops.device_columns``: kineto credits a kernel's time both to the kernel's own
+    (GPU) event and to the CPU call that launched it, and a GPU-side user range spans kernels;
+    only the kernel counts. Made-up events, shaped as ``key_averages`` gives them."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from step_ops import device_columns
+
+    def event(key, device_type, self_us, count=1, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_us,
+                               count=count, is_user_annotation=annotation)
+
+    events = [event("aten::add", DeviceType.CPU, 0, count=4),
+              event("cudaLaunchKernel", DeviceType.CPU, 5000, count=4),
+              event("cuLaunchKernel", DeviceType.CPU, 1000, count=2),
+              event("vectorized_elementwise_kernel", DeviceType.CUDA, 5000, count=4),
+              event("triton_poi_fused", DeviceType.CUDA, 1000, count=2),
+              event("forward", DeviceType.CUDA, 9000, annotation=True)]
+    assert device_columns(events) == (6.0, 6)
