@@ -84,14 +84,19 @@ class FusedGeometry(nn.Module):
         ``border_type="constant"``), computed as a matrix product. At sigma 16 the kernel
         spans 97 of 128 pixels, where one matrix multiply beats a convolution."""
         key = (size, str(device), dtype)
-        if key not in self._blur:
-            r = self.kernel.numel() // 2
-            i = torch.arange(size, device=device)
-            offset = i[None, :] - i[:, None] + r
-            taps = self.kernel.to(device, dtype)[offset.clamp(0, 2 * r)]
-            self._blur[key] = torch.where((offset >= 0) & (offset <= 2 * r), taps,
-                                          torch.zeros((), device=device, dtype=dtype))
-        return self._blur[key]
+        if key in self._blur:
+            return self._blur[key]
+        r = self.kernel.numel() // 2
+        i = torch.arange(size, device=device)
+        offset = i[None, :] - i[:, None] + r
+        taps = self.kernel.to(device, dtype)[offset.clamp(0, 2 * r)]
+        blur = torch.where((offset >= 0) & (offset <= 2 * r), taps,
+                           torch.zeros((), device=device, dtype=dtype))
+        # Cached only when eager: under torch.compile the matrix is a graph output, which a
+        # CUDA graph (mode reduce-overhead) overwrites at its next replay.
+        if not torch.compiler.is_compiling():
+            self._blur[key] = blur
+        return blur
 
     def grid(self, draws: torch.Tensor, noise: torch.Tensor | None, h: int, w: int
              ) -> torch.Tensor:

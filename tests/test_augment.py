@@ -273,3 +273,21 @@ def test_kornia_draws_stay_on_the_augments_device():
     x = torch.rand(4, 3, 32, 32) * 255
     images, masks = aug(aug.intensity(x), (x[:, :1] > 128).float())
     assert images.device.type == masks.device.type == "cpu"
+
+
+def test_fused_blur_matrix_is_not_cached_from_a_compiled_graph():
+    """Under ``torch.compile`` the blur matrix is a graph output; cached, a CUDA graph (mode
+    reduce-overhead) would overwrite it at its next replay (seen on an H200: "accessing tensor
+    output of CUDAGraphs that has been overwritten"). Compiled calls leave the cache empty and
+    give the eager result; an eager call still caches it."""
+    torch.manual_seed(0)
+    geometry = _fused(hflip_p=0.5, rotation_p=1.0, elastic_p=1.0)
+    compiled = torch.compile(geometry, backend="eager", fullgraph=True)
+    x = torch.rand(2, 4, 16, 16)
+    torch.manual_seed(1)
+    out = compiled(x)
+    compiled(x)
+    assert geometry._blur == {}
+    torch.manual_seed(1)
+    assert torch.allclose(geometry(x), out, atol=1e-6)
+    assert len(geometry._blur) == 1
