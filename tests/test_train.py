@@ -6,6 +6,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -339,6 +340,26 @@ def test_validation_runs_a_compiled_model_eagerly(synth_root, tmp_path):
     assert compiled == []
     model.train()
     model(torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert len(compiled) == 1
+
+
+def test_the_last_smaller_training_batch_runs_eagerly(synth_root, tmp_path):
+    """Under ``train.compile`` the epoch's last, smaller batch runs eagerly: compiled, it would
+    compile the model (and the augmentation) a second time, as dynamic shapes, and record new
+    CUDA graphs (on an H200 the compiled run went past 100 s). The full batches compile once."""
+    trainer = Trainer(tiny_config(synth_root, tmp_path, **{"train.epochs": 1}))
+    sizes = [len(images) for images, _, _ in trainer.train_batches]
+    assert sizes[-1] < sizes[0] == trainer.cfg.train.batch_size
+    compiled = []
+
+    def backend(graph, _inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    trainer.accelerator.unwrap_model(trainer.model).compile(backend=backend)
+    trainer.compiled = True
+    loss, _ = trainer.train_epoch(0, None, None)
+    assert math.isfinite(loss)
     assert len(compiled) == 1
 
 

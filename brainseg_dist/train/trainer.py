@@ -58,7 +58,8 @@ ADAM_WORDS = {"fused": "fused Adam", "torch": "torch's default Adam kernels"}
 def eager(method):
     """Run ``method`` with a compiled model eager: in validation and overlays, eval mode and
     the last, smaller batch would each compile (and record CUDA graphs) again, for a few
-    batches an epoch. (A ``set_stance`` object made once would set the stance on creation.)"""
+    batches an epoch; so would the last, smaller training batch. (A ``set_stance`` object
+    made once would set the stance on creation.)"""
     @functools.wraps(method)
     def run_eagerly(*args, **kwargs):
         with torch.compiler.set_stance("force_eager"):
@@ -224,7 +225,12 @@ class Trainer(CheckpointState):
         tracker, steps, t0 = LossTracker(acc), len(self.train_batches), time.perf_counter()
         reading, info = None, ""
         for step, (images, masks, idx) in enumerate(self.train_batches):
-            self.train_step(images, masks, idx, tracker, step)
+            if self.compiled and len(images) < cfg.train.batch_size:
+                # The epoch's last, smaller batch would compile the model and augmentation
+                # again (and record new CUDA graphs): tens of seconds for one step.
+                eager(self.train_step)(images, masks, idx, tracker, step)
+            else:
+                self.train_step(images, masks, idx, tracker, step)
             if is_read_step(step, steps, cfg.train.log_every):
                 reading = tracker.read()
                 self._stop_if_non_finite(reading, epoch, step)
