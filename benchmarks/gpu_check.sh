@@ -10,14 +10,18 @@
 #   bash benchmarks/gpu_check.sh           # results in $OUT, else runs/gpu_check
 #   bash benchmarks/gpu_check.sh --cpu
 #   bash benchmarks/gpu_check.sh --overwrite   # replace an earlier run's results
+#   GPU_CHECK_ONLY="train_fast step_ops" bash benchmarks/gpu_check.sh   # rerun some steps
 # (device tool: one call, timeout 600, carry [".whl", ".data"]: about 62 MiB of its 64.)
 #
 # Steps, in order of priority, each under its own time limit and all under one budget
 # (GPU_CHECK_BUDGET, 580 s on a GPU: a step gets the lesser of its limit and what is left, and
 # is skipped with under 10 s left), so a run fits one 600 s call of the device tool (a step
 # that ignores SIGTERM at its limit is killed 10 s later). Exit status and seconds of each go
-# to gpu_check.json; the 2026-11-27 H200 run took 5, 14, 17, 88, 33 and 77 s for kornia,
-# checks, pytest, throughput, train and train_fast:
+# to gpu_check.json. GPU_CHECK_ONLY (names, space- or comma-separated) runs only those steps
+# (and kornia), for a second call that reruns what the first could not finish. The
+# 2026-11-28 H200 run took 5, 38, 25, 91 and 32 s for kornia, checks, pytest, throughput and
+# train; step_ops did not finish in 50 s, the cv step's two recipes took 182 s, and
+# train_fast ran past 100 s in a second call (its compiles; benchmarks/results/h200_2026-11-28):
 #   kornia      installed from .whl/ (pip --no-index --no-deps, into a scratch directory) when
 #               it is missing; the project runs from source (PYTHONPATH): nothing else is
 #               installed and nothing is downloaded or copied at run time
@@ -27,18 +31,20 @@
 #   pytest      the gpu-marked tests (the same checks under pytest), when pytest is installed
 #   throughput  the full benchmarks/throughput.py --json: the baseline at the dataset
 #               author's 4 loader workers and at more, every ablation, compiled training
-#   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
-#               with Adam's kernels (foreach, fused) and the geometry toggled; each variant's
-#               step time, and its GPU kernel time and launches (torch.profiler)
-#   cv          benchmarks/gpu_cv.py, when .data/lgg-dev.tar.xz was carried: 5-fold CV over the
-#               20 real patients of configs/lgg_unet128.yaml, then of the recipe before it
-#               (configs/experiments/lgg_unet128_seed.yaml), then with InstanceNorm, each as
-#               brainseg cv --jobs 5 (the folds share the GPU) at 50 epochs each, paired patient
-#               by patient, while its 240 s last
 #   train       3 epochs of configs/lgg_unet128.yaml (one-grid augmentation) on a synthetic
 #               set: images/s, peak memory
 #   train_fast  the same with train.compile (mode reduce-overhead: the model and the
 #               augmentation compiled, as CUDA graphs; GPU only)
+#   cv          benchmarks/gpu_cv.py, when .data/lgg-dev.tar.xz was carried: 5-fold CV over the
+#               20 real patients of configs/lgg_unet128.yaml (BatchNorm), then with
+#               InstanceNorm, each as brainseg cv --jobs 5 (the folds share the GPU) at 50
+#               epochs, paired patient by patient, with training seed GPU_CHECK_CV_SEED (1:
+#               the 2026-11-28 run measured seed 0 of both), in what is left of the budget
+#               (at most 240 s)
+#   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
+#               with Adam's kernels (foreach, fused) and the geometry toggled; each variant's
+#               step time, and its GPU kernel time and launches (torch.profiler); each variant
+#               is written as it finishes
 #   summary     gpu_check.json: the targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
 # train.json, train_fast.json, step_ops.json, cv.json (scratch data, runs and caches stay in a
@@ -61,6 +67,15 @@ for arg in "$@"; do
 done
 RESULTS=(gpu_check.json gpu_check.log checks.json throughput.json train.json train_fast.json
          step_ops.json cv.json)
+STEP_NAMES=" kornia checks pytest throughput train train_fast cv step_ops "
+ONLY=${GPU_CHECK_ONLY:-}
+ONLY=" ${ONLY//,/ } "
+for name in $ONLY; do
+    if [[ $STEP_NAMES != *" $name "* ]]; then
+        echo "gpu_check: GPU_CHECK_ONLY: unknown step '$name' (steps:$STEP_NAMES)" >&2
+        exit 2
+    fi
+done
 FINAL_DIR=${OUT:-runs/gpu_check}
 mkdir -p "$FINAL_DIR" || exit 2
 FINAL_DIR=$(cd "$FINAL_DIR" && pwd)
@@ -99,12 +114,20 @@ log() { echo "gpu_check: $*" | tee -a "$LOG"; }
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-$([[ $MODE == gpu ]] && echo 580 || echo 1200)}
 
+# Seconds left of the budget.
+left_s() { echo $(( BUDGET - $(date +%s) + START - 5 )); }
+
 # step NAME LIMIT_S COMMAND...: run it under a time limit (the lesser of LIMIT_S and what is
 # left of the budget), log its output, record the result.
 step() {
     local name=$1 limit=$2 t0 rc ms left
     shift 2
-    left=$(( BUDGET - $(date +%s) + START - 5 ))
+    if [[ -n ${ONLY// /} && $ONLY != *" $name "* && $name != kornia ]]; then
+        log "$name: not selected (GPU_CHECK_ONLY)"
+        printf '%s unselected 0\n' "$name" >>"$STEPS"
+        return 0
+    fi
+    left=$(left_s)
     if (( left < 10 )); then
         log "$name: skipped, ${left} s of the ${BUDGET} s budget left"
         printf '%s skipped 0\n' "$name" >>"$STEPS"
@@ -154,23 +177,29 @@ if [[ $MODE == gpu ]]; then
         step throughput 230 "$PY" benchmarks/throughput.py --device cuda --workers 4 \
         --baseline-workers "8,$CORES" --compile-budget 60 --compile-modes reduce-overhead \
         --json "$OUT_DIR/throughput.json" || FAILED=1
-    # Host calls per eager step, by phase, with the optimizer and geometry variants.
-    step step_ops 50 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 20 \
-        --json "$OUT_DIR/step_ops.json" || FAILED=1
-    if [[ -f .data/lgg-dev.tar.xz ]]; then
-        step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
-            --epochs 50 --deadline 240 --json "$OUT_DIR/cv.json" || FAILED=1
-    else
-        log "cv: skipped, no .data/lgg-dev.tar.xz (copy it there and carry .data)"
-    fi
     step train 50 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
         --epochs 3 --synthetic-patients 60 --work "$WORK/train" --json "$OUT_DIR/train.json" ||
         FAILED=1
-    # The same run compiled (off by default): the same training data, in CUDA graphs.
-    step train_fast 110 "$PY" benchmarks/gpu_checks.py train --config configs/lgg_unet128.yaml \
-        --epochs 3 --synthetic-patients 60 --set train.compile=true \
-        --set train.compile_mode=reduce-overhead \
+    # The same run compiled (off by default): the same training data, in CUDA graphs. Two
+    # compiles (augmentation, then the model's forward and backward) precede the first step.
+    TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES < 8 ? CORES : 8 ))} \
+        step train_fast 150 "$PY" benchmarks/gpu_checks.py train \
+        --config configs/lgg_unet128.yaml --epochs 3 --synthetic-patients 60 \
+        --set train.compile=true --set train.compile_mode=reduce-overhead \
         --work "$WORK/train_fast" --json "$OUT_DIR/train_fast.json" || FAILED=1
+    if [[ -f .data/lgg-dev.tar.xz ]]; then
+        # gpu_cv.py stops its recipe at its deadline and keeps what finished.
+        CV_DEADLINE=$(( $(left_s) - 15 < 240 ? $(left_s) - 15 : 240 ))
+        step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
+            --epochs 50 --recipe lgg_unet128 --recipe instance_norm \
+            --seed "${GPU_CHECK_CV_SEED:-1}" --deadline "$CV_DEADLINE" \
+            --json "$OUT_DIR/cv.json" || FAILED=1
+    else
+        log "cv: skipped, no .data/lgg-dev.tar.xz (copy it there and carry .data)"
+    fi
+    # Host calls per eager step, by phase, with the optimizer and geometry variants.
+    step step_ops 90 "$PY" benchmarks/step_ops.py configs/lgg_unet128.yaml --profile 5 \
+        --json "$OUT_DIR/step_ops.json" || FAILED=1
 else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
     step checks 120 "$PY" benchmarks/gpu_checks.py checks --device cpu --work "$WORK/checks" \
@@ -186,7 +215,8 @@ else
         --set train.cpu=true --json "$OUT_DIR/step_ops.json" || FAILED=1
     # The folds train in the call's own process (--jobs 1): concurrent jobs would add an
     # interpreter start each, and tests/test_cv.py covers that path.
-    step cv 150 "$PY" benchmarks/gpu_cv.py --synthetic 4 --folds 2 --jobs 1 --recipes 2 --tiny \
+    step cv 150 "$PY" benchmarks/gpu_cv.py --synthetic 4 --folds 2 --jobs 1 --tiny \
+        --recipe lgg_unet128 --recipe instance_norm --seed "${GPU_CHECK_CV_SEED:-1}" \
         --deadline 140 --json "$OUT_DIR/cv.json" || FAILED=1
 fi
 "$PY" benchmarks/gpu_checks.py summary --out "$OUT_DIR" --steps "$STEPS" >>"$LOG" 2>&1 ||

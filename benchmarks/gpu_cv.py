@@ -8,7 +8,8 @@ recipe, so a step stopped at its limit keeps what finished: per recipe its exit 
 time, each fold's training (epochs, last inner-validation Dice, images/s, seconds; kept for a
 recipe stopped at the deadline too), the headline (post-processed) and plain per-patient Dice
 with their 95% CI, the per-patient table, and its paired difference from the first recipe
-(``brainseg compare``).
+(``brainseg compare``). ``--seed`` trains every recipe at another seed on seed 0's folds;
+``benchmarks/gpu_cv_pool.py`` pools the reports of several seeds.
 The real subset travels to the GPU machine as its archive (``--archive``: carry an ignored
 folder holding ``lgg-dev.tar.xz``); without one, ``--synthetic N`` patients stand in (the
 CPU mode of ``gpu_check.sh``).
@@ -68,6 +69,7 @@ def run_recipe(name: str, config: str, extra: list[str], root: Path, work: Path,
     command = [sys.executable, "-m", "brainseg_dist.cli", "cv", "--config", str(REPO / config),
                "--data-dir", str(root), "--output-dir", str(out), "--folds", str(args.folds),
                "--jobs", str(args.jobs), *extra, *(TINY if args.tiny else []),
+               *(["--seed", str(args.seed), "--split-seed", "0"] if args.seed else []),
                *(["--epochs", str(args.epochs)] if args.epochs else [])]
     print(f"gpu_cv: {name}: {' '.join(command[3:])}", flush=True)
     t0 = time.perf_counter()
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="one budget for every recipe (default: each config's own)")
     parser.add_argument("--recipes", type=int, default=len(RECIPES),
                         help="run the first N recipes of RECIPES")
+    parser.add_argument("--recipe", action="append", choices=[r[0] for r in RECIPES],
+                        help="run only these recipes (repeatable; instead of --recipes)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of every recipe; the folds stay seed 0's "
+                             "(--split-seed 0), so runs of two seeds pair patient by patient")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized recipes (seconds)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -162,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         root, data = data_root(args, work)
         report: dict[str, Any] = {"data": data, "folds": args.folds, "jobs": args.jobs,
-                                  "epochs": args.epochs, "recipes": {}}
+                                  "epochs": args.epochs, "seed": args.seed, "recipes": {}}
         needed = args.min_seconds
-        for name, config, extra in RECIPES[:args.recipes]:
+        chosen = ([r for r in RECIPES if r[0] in args.recipe] if args.recipe
+                  else RECIPES[:args.recipes])
+        for name, config, extra in chosen:
             left = args.deadline - (time.perf_counter() - t0)
             if left < needed:  # it would be stopped before its end: leave the time to others
                 report["recipes"][name] = {"config": config, "options": extra,

@@ -61,7 +61,8 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
     if steps_file is not None and steps_file.is_file():
         for line in steps_file.read_text().splitlines():
             name, rc, seconds = line.split()
-            steps[name] = ({"skipped": "out of budget"} if rc == "skipped" else
+            skipped = {"skipped": "out of budget", "unselected": "not in GPU_CHECK_ONLY"}
+            steps[name] = ({"skipped": skipped[rc]} if rc in skipped else
                            {"exit_status": int(rc), "seconds": float(seconds)})
     return {
         "device": bench.get("hardware", {}).get("device_name"),
@@ -110,4 +111,5 @@ def _cv_summary(cv: dict[str, Any] | None) -> dict[str, Any] | None:
                       "folds_finished": sum(bool(f.get("finished")) for f in folds),
                       "slowest_fold_training_seconds": max(trained, default=None),
                       "paired_mean": pair.get("mean"), "paired_ci95": pair.get("ci95")}
-    return {"data": cv.get("data"), "epochs": cv.get("epochs"), "recipes": rows}
+    return {"data": cv.get("data"), "epochs": cv.get("epochs"), "seed": cv.get("seed"),
+            "recipes": rows}

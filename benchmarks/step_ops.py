@@ -210,14 +210,17 @@ def _variants() -> list[tuple[str, dict[str, Any], bool]]:
     return rows
 
 
-def measure(config: str | None, overrides: dict[str, Any],
-            profile_steps_n: int = 0) -> list[dict[str, Any]]:
+def measure(config: str | None, overrides: dict[str, Any], profile_steps_n: int = 0,
+            on_row: Callable[[list[dict[str, Any]]], None] | None = None
+            ) -> list[dict[str, Any]]:
     """One row per variant: the calls per phase and in all, on a small synthetic set; with
-    ``profile_steps_n``, also :func:`profile_steps` over that many steps."""
+    ``profile_steps_n``, also :func:`profile_steps` over that many steps. ``on_row`` gets the
+    rows so far after each variant, so a run stopped at a time limit keeps what it measured."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_dataset(Path(tmp) / "synth", patients=4)
         for name, extra, foreach in _variants():
+            t0 = time.perf_counter()
             cfg = load_config(config, {"data.data_dir": str(data),
                                        "train.output_dir": str(Path(tmp) / "run"),
                                        "train.export": False, "train.epochs": 1,
@@ -236,6 +239,9 @@ def measure(config: str | None, overrides: dict[str, Any],
                     rows[-1].update(profile_steps(trainer, profile_steps_n))
                 except Exception as exc:
                     rows[-1]["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -254,8 +260,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="also time STEPS steps per variant, and profile as many (kernel time "
                         "and launches per step on CUDA)")
     args = p.parse_args(argv)
+    def on_row(rows: list[dict[str, Any]]) -> None:
+        print(f"step_ops: {rows[-1]['variant']}: {rows[-1]['total']} calls, "
+              f"{rows[-1]['seconds']} s", flush=True)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
+
     try:
-        rows = measure(args.config, parse_set_options(tuple(args.set)), args.profile)
+        rows = measure(args.config, parse_set_options(tuple(args.set)), args.profile, on_row)
     except BrainsegError as exc:
         raise SystemExit(f"step_ops: {exc}") from None
     table = Table(title=f"Host calls per training step ({rows[0]['device']})")
@@ -266,8 +278,6 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(r["variant"], *(str(r[k]) for k in (*PHASES, "total")),
                       *("-" if r[k] is None else f"{r[k]:.3g}" for k in timed))
     Console(width=200).print(table)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -51,14 +51,17 @@ def test_gpu_check_cpu_mode_runs_every_step(cpu_check, tmp_path):
                                       "compiled_augment_draws"}
     assert {name: s["exit_status"] for name, s in summary["steps"].items()} == {
         "kornia": 0, "checks": 0, "throughput": 0, "train": 0, "step_ops": 0, "cv": 0}
-    # gpu_cv.py: two recipes cross-validated, the second paired with the first.
+    # gpu_cv.py: two recipes cross-validated at training seed 1, the second paired with the
+    # first (the same folds: seed 0's).
+    assert summary["cv"]["seed"] == 1
     cv = summary["cv"]["recipes"]
-    assert list(cv) == ["lgg_unet128", "seed_recipe"]
+    assert list(cv) == ["lgg_unet128", "instance_norm"]
     assert all(0 <= r["headline"]["dice_patient_mean"] <= 1 for r in cv.values())
     assert cv["lgg_unet128"]["paired_mean"] is None
-    assert isinstance(cv["seed_recipe"]["paired_mean"], float)
-    assert len(json.loads((out / "cv.json").read_text())["recipes"]["seed_recipe"]
-               ["per_patient"]) == 4
+    assert isinstance(cv["instance_norm"]["paired_mean"], float)
+    report = json.loads((out / "cv.json").read_text())["recipes"]["instance_norm"]
+    assert len(report["per_patient"]) == 4
+    assert report["paired_against_first"]["same_folds"]
     for r in cv.values():  # --tiny: 2 folds of 2 epochs each
         assert r["folds_finished"] == 2
         assert 0 < r["slowest_fold_training_seconds"] < r["seconds"]
@@ -222,6 +225,9 @@ def test_step_ops_counts_every_variant(cpu_check):
             < rows["Adam foreach (torch's choice on CUDA)"]["optimizer"]
             < rows["optim.implementation: torch"]["optimizer"])  # a for-loop on a CPU
     assert "Adam foreach" in log
+    # Each variant is reported (and written) as it finishes: a step stopped at its limit
+    # keeps the rows it measured.
+    assert sum(line.startswith("step_ops: ") for line in log.splitlines()) == len(rows)
     casts = (rows["train.mixed_precision: bf16"]["forward"]
              - rows["train.mixed_precision: no"]["forward"])
     assert casts > 0  # autocast's casts
@@ -240,6 +246,27 @@ def test_gpu_check_skips_the_steps_its_budget_cannot_hold(tmp_path):
     assert summary["steps"] == {name: {"skipped": "out of budget"} for name in
                                 ("kornia", "checks", "throughput", "train", "step_ops", "cv")}
     assert "checks: skipped" in (out / "gpu_check.log").read_text()
+
+
+def test_gpu_check_only_runs_the_steps_it_names(tmp_path):
+    """GPU_CHECK_ONLY reruns some steps (kornia is always installed): the others are recorded
+    as not selected. An unknown step name is one line and exit status 2, before any step."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    script = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu"]
+    bad = subprocess.run(script, cwd=tmp_path, env={**env, "GPU_CHECK_ONLY": "train,step-ops"},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("gpu_check: GPU_CHECK_ONLY: unknown step 'step-ops'")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+    proc = subprocess.run(script, cwd=tmp_path, env={**env, "GPU_CHECK_ONLY": "kornia"},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert steps.pop("kornia")["exit_status"] == 0
+    assert steps == {name: {"skipped": "not in GPU_CHECK_ONLY"} for name in
+                     ("checks", "throughput", "train", "step_ops", "cv")}
 
 
 def test_gpu_cv_unpacks_the_carried_archive_to_a_kaggle_3m_root(real_root, tmp_path):
@@ -287,3 +314,58 @@ def test_gpu_cv_fold_progress_keeps_what_a_stopped_recipe_trained(tmp_path):
          "val_dice_patient_mean": 0.5, "train_images_per_second": 900.0},
         {"fold": 2, "epochs": 0, "finished": False, "seconds": None,
          "val_dice_patient_mean": None, "train_images_per_second": None}]
+
+
+def _cv_report(path, seed, dice, folds=(0, 0, 1, 1)):
+    """A gpu_cv.py report: ``dice`` maps a recipe to post-processed Dice of patients a..d
+    (plain Dice 0.1 lower); ``seed`` None leaves the key out, as older reports do."""
+    report = {"recipes": {name: {"per_patient": [
+        {"patient": p, "fold": f, "dice_post-processed": d, "dice_plain": d - 0.1}
+        for p, f, d in zip("abcd", folds, values, strict=True)][::-1]}  # any patient order
+        for name, values in dice.items()}}
+    report["recipes"]["stopped"] = {"skipped": "10 s left"}  # no table: left out
+    if seed is not None:
+        report["seed"] = seed
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_gpu_cv_pool_averages_seeds_and_pairs_recipes(tmp_path):
+    """``benchmarks/gpu_cv_pool.py``: each recipe's per-patient Dice averaged over its seeds,
+    every recipe paired with the reference on those averages, a recipe's seeds paired with
+    each other; reports on other folds, or a recipe and seed twice, are one line and exit 2."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_cv_pool
+
+    seed0 = _cv_report(tmp_path / "s0.json", None, {"bn": [0.5, 0.7, 0.9, 0.3],
+                                                    "in": [0.6, 0.7, 0.8, 0.5]})
+    seed1 = _cv_report(tmp_path / "s1.json", 1, {"bn": [0.7, 0.9, 0.9, 0.1]})
+    out = tmp_path / "pooled.json"
+    assert gpu_cv_pool.main([str(seed0), str(seed1), "--reference", "bn",
+                             "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    bn, other = result["recipes"]["bn"], result["recipes"]["in"]
+    assert set(result["recipes"]) == {"bn", "in"}
+    assert bn["seeds"] == [0, 1]
+    assert other["seeds"] == [0]
+    assert bn["post-processed"]["mean"] == pytest.approx(0.625)  # (0.6, 0.8, 0.9, 0.2)
+    assert bn["plain"]["mean"] == pytest.approx(0.525)
+    pair = other["paired_vs_reference"]["post-processed"]
+    assert pair["mean"] == pytest.approx(0.025)  # (0, -0.1, -0.1, +0.3) / 4
+    assert (pair["better"], pair["worse"]) == (1, 2)
+    assert pair["largest_gain"] == ["d", pytest.approx(0.3)]
+    spread = bn["seed_pairs"]["1 - 0"]
+    assert spread["mean"] == pytest.approx(0.05)  # (+0.2, +0.2, 0, -0.2) / 4
+    assert "paired_vs_reference" not in bn
+    assert other["seed_pairs"] == {}
+
+    script = [sys.executable, str(REPO / "benchmarks" / "gpu_cv_pool.py")]
+    moved = _cv_report(tmp_path / "moved.json", 2, {"bn": [0.5] * 4}, folds=(1, 0, 1, 1))
+    for reports, message in (
+            ([seed0, moved], "recipe 'bn' at seed 2 tested other patients or folds than 'bn' "
+                             "at seed 0: no pairing"),
+            ([seed0, seed0], f"{seed0}: recipe 'bn' at seed 0 is in an earlier report too")):
+        proc = subprocess.run([*script, *map(str, reports)], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr == f"gpu_cv_pool: {message}\n"
