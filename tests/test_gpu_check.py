@@ -330,7 +330,7 @@ def _cv_report(path, seed, dice, folds=(0, 0, 1, 1)):
     return path
 
 
-def test_gpu_cv_pool_averages_seeds_and_pairs_recipes(tmp_path):
+def test_gpu_cv_pool_averages_seeds_and_pairs_recipes(tmp_path, capsys):
     """``benchmarks/gpu_cv_pool.py``: each recipe's per-patient Dice averaged over its seeds,
     every recipe paired with the reference on those averages, a recipe's seeds paired with
     each other; reports on other folds, or a recipe and seed twice, are one line and exit 2."""
@@ -359,13 +359,13 @@ def test_gpu_cv_pool_averages_seeds_and_pairs_recipes(tmp_path):
     assert "paired_vs_reference" not in bn
     assert other["seed_pairs"] == {}
 
-    script = [sys.executable, str(REPO / "benchmarks" / "gpu_cv_pool.py")]
     moved = _cv_report(tmp_path / "moved.json", 2, {"bn": [0.5] * 4}, folds=(1, 0, 1, 1))
+    capsys.readouterr()
     for reports, message in (
             ([seed0, moved], "recipe 'bn' at seed 2 tested other patients or folds than 'bn' "
                              "at seed 0: no pairing"),
             ([seed0, seed0], f"{seed0}: recipe 'bn' at seed 0 is in an earlier report too")):
-        proc = subprocess.run([*script, *map(str, reports)], capture_output=True, text=True,
-                              timeout=60, check=False)
-        assert proc.returncode == 2
-        assert proc.stderr == f"gpu_cv_pool: {message}\n"
+        assert gpu_cv_pool.main([*map(str, reports), "--reference", "bn"]) == 2
+        said = capsys.readouterr()
+        assert said.err == f"gpu_cv_pool: {message}\n"
+        assert said.out == ""
