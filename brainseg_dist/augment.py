@@ -55,6 +55,22 @@ def elastic_kernel_size(sigma: float) -> int:
     return 2 * int(3 * sigma) + 1
 
 
+def band_matrix(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    """``size×size`` matrix ``B`` with ``(B @ v)[i] = Σ_j kernel[j - i + r] v[j]``: a
+    convolution with an odd ``kernel`` (radius ``r``) and a zero border, as a matrix. ``B``
+    depends on ``j - i`` alone, so the one of a smaller size is its top-left block."""
+    r = kernel.numel() // 2
+    i = torch.arange(size, device=kernel.device)
+    offset = i[None, :] - i[:, None] + r
+    taps = kernel[offset.clamp(0, 2 * r)]
+    return torch.where((offset >= 0) & (offset <= 2 * r), taps, torch.zeros_like(taps))
+
+
+# The side up to which FusedGeometry slices its blur matrix from one made at construction
+# (1 MB in float32); larger images build theirs at each call.
+BLUR_SIZE = 512
+
+
 class FusedGeometry(nn.Module):
     """Flips, rotation and elastic deformation resampled once, through one sampling grid.
 
@@ -74,29 +90,22 @@ class FusedGeometry(nn.Module):
         super().__init__()
         self.cfg = cfg
         k = elastic_kernel_size(cfg.elastic_sigma)
-        self.register_buffer("kernel", get_gaussian_kernel1d(k, cfg.elastic_sigma)[0],
-                             persistent=False)
-        self._blur: dict[tuple, torch.Tensor] = {}
+        kernel = get_gaussian_kernel1d(k, cfg.elastic_sigma)[0]
+        self.register_buffer("kernel", kernel, persistent=False)
+        # Made once, here: a matrix cached at the first call would be a graph output under
+        # torch.compile, which a CUDA graph (mode reduce-overhead) overwrites at its next
+        # replay, and filling a cache later changes what the compiled code was guarded on.
+        self.register_buffer("blur", band_matrix(kernel, BLUR_SIZE), persistent=False)
 
     def blur_matrix(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``size×size`` banded matrix ``B`` with ``(B @ v)[i] = Σ_j kernel[j - i + r] v[j]``:
         Kornia's Gaussian as a zero-border convolution (``filter2d_separable`` with
         ``border_type="constant"``), computed as a matrix product. At sigma 16 the kernel
-        spans 97 of 128 pixels, where one matrix multiply beats a convolution."""
-        key = (size, str(device), dtype)
-        if key in self._blur:
-            return self._blur[key]
-        r = self.kernel.numel() // 2
-        i = torch.arange(size, device=device)
-        offset = i[None, :] - i[:, None] + r
-        taps = self.kernel.to(device, dtype)[offset.clamp(0, 2 * r)]
-        blur = torch.where((offset >= 0) & (offset <= 2 * r), taps,
-                           torch.zeros((), device=device, dtype=dtype))
-        # Cached only when eager: under torch.compile the matrix is a graph output, which a
-        # CUDA graph (mode reduce-overhead) overwrites at its next replay.
-        if not torch.compiler.is_compiling():
-            self._blur[key] = blur
-        return blur
+        spans 97 of 128 pixels, where one matrix multiply beats a convolution. Up to
+        :data:`BLUR_SIZE` it is a block of the one made at construction."""
+        if size <= self.blur.shape[0]:
+            return self.blur[:size, :size].to(device, dtype)
+        return band_matrix(self.kernel.to(device, dtype), size)
 
     def grid(self, draws: torch.Tensor, noise: torch.Tensor | None, h: int, w: int
              ) -> torch.Tensor:

@@ -275,19 +275,36 @@ def test_kornia_draws_stay_on_the_augments_device():
     assert images.device.type == masks.device.type == "cpu"
 
 
-def test_fused_blur_matrix_is_not_cached_from_a_compiled_graph():
-    """Under ``torch.compile`` the blur matrix is a graph output; cached, a CUDA graph (mode
-    reduce-overhead) would overwrite it at its next replay (seen on an H200: "accessing tensor
-    output of CUDAGraphs that has been overwritten"). Compiled calls leave the cache empty and
-    give the eager result; an eager call still caches it."""
+def test_fused_blur_matrix_is_made_once_and_compiled_calls_keep_their_guards():
+    """The blur matrix is made at construction, never inside a call: on an H200 a matrix
+    cached at the first compiled call was a CUDA graph's output, overwritten at the next
+    replay ("accessing tensor output of CUDAGraphs that has been overwritten"), and one
+    cached by an eager call in between (the epoch's last, smaller batch) would change what
+    the compiled code was guarded on: a second compile. Compiled, eager, compiled: one graph,
+    and the eager result. At any size the matrix is the zero-border convolution's."""
     torch.manual_seed(0)
     geometry = _fused(hflip_p=0.5, rotation_p=1.0, elastic_p=1.0)
-    compiled = torch.compile(geometry, backend="eager", fullgraph=True)
+    graphs = []
+
+    def backend(graph, _inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(geometry, backend=backend, fullgraph=True)
     x = torch.rand(2, 4, 16, 16)
+    compiled(x)
+    geometry(x[:1])  # eager, as training runs a last, smaller batch
     torch.manual_seed(1)
     out = compiled(x)
-    compiled(x)
-    assert geometry._blur == {}
+    assert len(graphs) == 1
     torch.manual_seed(1)
     assert torch.allclose(geometry(x), out, atol=1e-6)
-    assert len(geometry._blur) == 1
+
+    kernel = geometry.kernel.double()
+    r = kernel.numel() // 2
+    for size in (16, 128, 600):  # 600: past the matrix made at construction
+        v = torch.rand(size, dtype=torch.float64)
+        direct = F.conv1d(F.pad(v, (r, r))[None, None], kernel[None, None])[0, 0]
+        blur = geometry.blur_matrix(size, v.device, torch.float64)
+        assert blur.shape == (size, size)
+        assert torch.allclose(blur @ v, direct, atol=1e-12), size
