@@ -42,9 +42,9 @@
 #               the 2026-11-28 run measured seed 0 of both), in what is left of the budget
 #               (at most 240 s)
 #   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
-#               with Adam's kernels (foreach, fused) and the geometry toggled; each variant's
-#               step time, and its GPU kernel time and launches (torch.profiler); each variant
-#               is written as it finishes
+#               with Adam's kernels (foreach, fused), the geometry, the precision and the norm
+#               (batch, instance, group) toggled; each variant's step time, and its GPU kernel
+#               time and launches (torch.profiler); each variant is written as it finishes
 #   summary     gpu_check.json: the targets against the results
 # Files in the output directory: gpu_check.json, gpu_check.log, checks.json, throughput.json,
 # train.json, train_fast.json, step_ops.json, cv.json (scratch data, runs and caches stay in a

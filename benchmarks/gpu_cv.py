@@ -40,6 +40,8 @@ RECIPES = [
     ("lgg_unet128", "configs/lgg_unet128.yaml", []),
     ("seed_recipe", "configs/experiments/lgg_unet128_seed.yaml", []),
     ("instance_norm", "configs/lgg_unet128.yaml", ["--set", "model.norm=instance"]),
+    # The same function as instance_norm, as GroupNorm (channels-last, fewer host calls).
+    ("group_norm", "configs/lgg_unet128.yaml", ["--set", "model.norm=group"]),
 ]
 # --tiny: seconds per fold on a CPU, so the script's CPU mode cannot rot.
 TINY = ["--epochs", "2", "--image-size", "32", "--base-width", "4", "--batch-size", "8",

@@ -198,7 +198,8 @@ def device_columns(events: Any) -> tuple[float, int]:
 
 def _variants() -> list[tuple[str, dict[str, Any], bool]]:
     """``(name, overrides, foreach Adam)``: the config as given, each optimizer implementation
-    (with torch's CUDA choice, foreach, here on any device), each geometry and precision."""
+    (with torch's CUDA choice, foreach, here on any device), each geometry, precision and
+    normalization."""
     rows = [("as configured", {}, False)]
     for impl in ("torch", "fused"):
         rows.append((f"optim.implementation: {impl}", {"optim.implementation": impl}, False))
@@ -207,6 +208,8 @@ def _variants() -> list[tuple[str, dict[str, Any], bool]]:
         rows.append((f"augment.fused: {str(fused).lower()}", {"augment.fused": fused}, False))
     for amp in ("no", "bf16"):  # autocast's casts are host calls too
         rows.append((f"train.mixed_precision: {amp}", {"train.mixed_precision": amp}, False))
+    for norm in ("batch", "instance", "group"):  # the GPU recipe's open choice
+        rows.append((f"model.norm: {norm}", {"model.norm": norm}, False))
     return rows
 
 

@@ -28,7 +28,7 @@ from brainseg_dist.errors import ConfigError
 # builds its click.Choice options from them (via :func:`choices`).
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Normalization = Literal["slice", "volume"]
-NormLayer = Literal["batch", "instance"]
+NormLayer = Literal["batch", "instance", "group"]
 Schedule = Literal["cosine", "constant"]
 DiceMode = Literal["sample", "batch"]
 Select = Literal["best", "last"]
@@ -93,7 +93,8 @@ class ModelConfig:
     # 0: torch's default init (p = 0.5 everywhere).
     foreground_prior: float = 0.0
     # batch: BatchNorm (running statistics in eval); instance: per-image statistics, the
-    # same in training and eval, as nnU-Net uses.
+    # same in training and eval, as nnU-Net uses; group: instance's function as GroupNorm,
+    # one group per channel: channels-last kept, fewer host calls, the same weights' keys.
     norm: NormLayer = "batch"
 
 

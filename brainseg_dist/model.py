@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-NORMS = ("batch", "instance")
+NORMS = ("batch", "instance", "group")
 
 
 def _norm(kind: str, ch: int) -> nn.Module:
@@ -15,6 +15,11 @@ def _norm(kind: str, ch: int) -> nn.Module:
         return nn.BatchNorm2d(ch)
     if kind == "instance":  # per image and channel, the same in training and eval (nnU-Net)
         return nn.InstanceNorm2d(ch, affine=True)
+    if kind == "group":
+        # InstanceNorm's function in one kernel each way: InstanceNorm2d reshapes around
+        # batch_norm (4 more host calls a layer forward, 12 backward, at depth 4) and returns
+        # NCHW from a channels-last input, so every convolution after it would get NCHW.
+        return nn.GroupNorm(ch, ch)
     raise ValueError(f"unknown normalization layer {kind!r}; expected one of {NORMS}")
 
 
@@ -38,7 +43,8 @@ class UNet(nn.Module):
         out_channels: output channels (1: tumour logit).
         base_width: channels of the first level; doubles at each level.
         depth: number of encoder levels (pooling steps); input sides must divide by 2**depth.
-        norm: ``"batch"`` (BatchNorm) or ``"instance"`` (InstanceNorm with affine weights).
+        norm: ``"batch"`` (BatchNorm), ``"instance"`` (InstanceNorm with affine weights) or
+            ``"group"`` (the same function as GroupNorm, one group per channel).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, base_width: int = 32,

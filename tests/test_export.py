@@ -209,15 +209,18 @@ def test_cli_export_bad_run_dir(tmp_path):
 
 
 
-def test_instance_norm_model_exports_with_parity(ckpt, native_slices):
-    """A ``model.norm: instance`` checkpoint rebuilds as that U-Net and scripts exactly."""
+@pytest.mark.parametrize(("norm", "layer"), [("instance", torch.nn.InstanceNorm2d),
+                                             ("group", torch.nn.GroupNorm)])
+def test_instance_norm_model_exports_with_parity(ckpt, native_slices, norm, layer):
+    """A ``model.norm: instance`` (or ``group``) checkpoint rebuilds as that U-Net and
+    scripts exactly."""
     _, x = native_slices
     torch.manual_seed(0)
-    inst = dataclasses.replace(ckpt, config=replace(ckpt.config, model={"norm": "instance"}))
+    inst = dataclasses.replace(ckpt, config=replace(ckpt.config, model={"norm": norm}))
     state = build_unet(ckpt).state_dict()
     weights = {k: v for k, v in state.items() if "running" not in k and "tracked" not in k}
     inst = dataclasses.replace(inst, state={**ckpt.state, "model": weights})
     unet = build_unet(inst)
-    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in unet.modules())
+    assert any(isinstance(m, layer) for m in unet.modules())
     with torch.no_grad():
         assert (script_pipeline(inst)(x) - build_pipeline(inst)(x)).abs().max() < 1e-5

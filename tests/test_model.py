@@ -76,6 +76,49 @@ def test_instance_norm_gives_the_same_output_in_training_and_eval():
         assert not torch.allclose(batch(x), batch.eval()(x), atol=1e-3)
 
 
+def test_group_norm_is_instance_norm_that_keeps_channels_last():
+    """``model.norm: group`` (GroupNorm, one group per channel) computes InstanceNorm's function
+    from the same weights (either loads the other's checkpoint), forward and backward, but
+    every convolution gets a channels-last input, and it issues fewer host calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    instance = build_model(base_width=4, depth=2, norm="instance")
+    group = build_model(base_width=4, depth=2, norm="group")
+    with torch.no_grad():  # different from the start: the norms' weights start equal anyway
+        for p in instance.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    group.load_state_dict(instance.state_dict())
+    seen = {}
+    for name, model in (("instance", instance), ("group", group)):
+        inputs = []
+        hooks = [m.register_forward_pre_hook(lambda _m, a, into=inputs: into.append(a[0]))
+                 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with Calls() as calls:
+            out = model(x)
+            out.square().mean().backward()
+        for h in hooks:
+            h.remove()
+        seen[name] = (out, [p.grad for p in model.parameters()], calls.n,
+                      all(t.is_contiguous(memory_format=torch.channels_last) for t in inputs))
+    torch.testing.assert_close(seen["group"][0], seen["instance"][0], atol=1e-5, rtol=1e-4)
+    for g, i in zip(seen["group"][1], seen["instance"][1], strict=True):
+        torch.testing.assert_close(g, i, atol=1e-5, rtol=1e-4)
+    assert seen["group"][3]
+    assert not seen["instance"][3]
+    assert seen["group"][2] < seen["instance"][2]
+
+
 def test_unknown_norm_layer_is_refused():
     with pytest.raises(ValueError, match="unknown normalization layer 'layer'"):
         build_model(base_width=4, norm="layer")
