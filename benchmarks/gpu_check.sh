@@ -189,7 +189,8 @@ if [[ $MODE == gpu ]]; then
         --work "$WORK/train_fast" --json "$OUT_DIR/train_fast.json" || FAILED=1
     if [[ -f .data/lgg-dev.tar.xz ]]; then
         # gpu_cv.py stops its recipe at its deadline and keeps what finished.
-        CV_DEADLINE=$(( $(left_s) - 15 < 240 ? $(left_s) - 15 : 240 ))
+        CV_DEADLINE=$(( $(left_s) - 15 ))
+        (( CV_DEADLINE > 240 )) && CV_DEADLINE=240
         step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
             --epochs 50 --recipe lgg_unet128 --recipe instance_norm \
             --seed "${GPU_CHECK_CV_SEED:-1}" --deadline "$CV_DEADLINE" \

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from helpers import REPO
 
 from brainseg_dist.model import UNet, build_model, count_parameters
 
@@ -80,16 +83,8 @@ def test_group_norm_is_instance_norm_that_keeps_channels_last():
     """``model.norm: group`` (GroupNorm, one group per channel) computes InstanceNorm's function
     from the same weights (either loads the other's checkpoint), forward and backward, but
     every convolution gets a channels-last input, and it issues fewer host calls."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from step_ops import PhaseCounter  # the project's host-call counter
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -104,12 +99,12 @@ def test_group_norm_is_instance_norm_that_keeps_channels_last():
         inputs = []
         hooks = [m.register_forward_pre_hook(lambda _m, a, into=inputs: into.append(a[0]))
                  for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-        with Calls() as calls:
+        with PhaseCounter() as calls:
             out = model(x)
             out.square().mean().backward()
         for h in hooks:
             h.remove()
-        seen[name] = (out, [p.grad for p in model.parameters()], calls.n,
+        seen[name] = (out, [p.grad for p in model.parameters()], calls.counts.total(),
                       all(t.is_contiguous(memory_format=torch.channels_last) for t in inputs))
     torch.testing.assert_close(seen["group"][0], seen["instance"][0], atol=1e-5, rtol=1e-4)
     for g, i in zip(seen["group"][1], seen["instance"][1], strict=True):
