@@ -37,10 +37,11 @@
 #               augmentation compiled, as CUDA graphs; GPU only)
 #   cv          benchmarks/gpu_cv.py, when .data/lgg-dev.tar.xz was carried: 5-fold CV over the
 #               20 real patients of configs/lgg_unet128.yaml (BatchNorm), then with
-#               InstanceNorm, each as brainseg cv --jobs 5 (the folds share the GPU) at 50
-#               epochs, paired patient by patient, with training seed GPU_CHECK_CV_SEED (1:
-#               the 2026-11-28 run measured seed 0 of both), in what is left of the budget
-#               (at most 240 s)
+#               InstanceNorm's function as GroupNorm(C, C) (GPU_CHECK_CV_RECIPES, names of
+#               gpu_cv.py's recipes; default "lgg_unet128 group_norm"), each as brainseg cv
+#               --jobs 5 (the folds share the GPU) at 50 epochs, paired patient by patient,
+#               with training seed GPU_CHECK_CV_SEED (1: the 2026-11-28 run measured seed 0 of
+#               BatchNorm and InstanceNorm2d), in what is left of the budget (at most 240 s)
 #   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
 #               with Adam's kernels (foreach, fused), the geometry, the precision and the norm
 #               (batch, instance, group) toggled; each variant's step time, and its GPU kernel
@@ -191,8 +192,12 @@ if [[ $MODE == gpu ]]; then
         # gpu_cv.py stops its recipe at its deadline and keeps what finished.
         CV_DEADLINE=$(( $(left_s) - 15 ))
         (( CV_DEADLINE > 240 )) && CV_DEADLINE=240
+        CV_RECIPES=()
+        for name in ${GPU_CHECK_CV_RECIPES:-lgg_unet128 group_norm}; do
+            CV_RECIPES+=(--recipe "$name")
+        done
         step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
-            --epochs 50 --recipe lgg_unet128 --recipe instance_norm \
+            --epochs 50 "${CV_RECIPES[@]}" \
             --seed "${GPU_CHECK_CV_SEED:-1}" --deadline "$CV_DEADLINE" \
             --json "$OUT_DIR/cv.json" || FAILED=1
     else
