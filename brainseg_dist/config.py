@@ -33,7 +33,7 @@ Schedule = Literal["cosine", "constant"]
 DiceMode = Literal["sample", "batch"]
 Select = Literal["best", "last"]
 EvalSplit = Literal["test", "val", "train", "all"]  # brainseg evaluate --split
-OnDevice = Literal["auto", "true", "false"]
+AutoSwitch = Literal["auto", "true", "false"]  # auto: on where it was measured to pay
 ScaleLr = Literal["none", "linear", "sqrt"]
 AdamImpl = Literal["auto", "fused", "torch"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -58,7 +58,7 @@ class DataConfig:
     num_workers: int = 0  # data is in memory; workers only add IPC cost
     # Training slices uploaded once as uint8 and batched on the device, with no DataLoader.
     # auto: on for CUDA when they fit in device_memory_budget, off on CPU.
-    on_device: OnDevice = "auto"
+    on_device: AutoSwitch = "auto"
     device_memory_budget: float = 0.25  # share of the GPU's memory the slices may take (auto)
 
 
@@ -135,7 +135,7 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     export: bool = True  # write model.ts (+ model.pt2) of best.pt when training ends (no onnx)
     log_every: int = 25  # steps between loss reads: one host sync each, none in between
-    compile: bool = False  # torch.compile the model (+ augmentation on CUDA); first steps slow
+    compile: AutoSwitch = "false"  # torch.compile; auto: where it repays (train/setup.py)
     compile_mode: CompileMode = "default"  # reduce-overhead: CUDA graphs (measured on GPUs)
 
 

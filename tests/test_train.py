@@ -285,6 +285,37 @@ def test_compile_builds_a_compiled_model_with_plain_weights(synth_root, tmp_path
     assert set(model.state_dict()) == set(build_model(4, 4).state_dict())  # checkpoint keys
 
 
+def test_compile_auto_compiles_only_where_it_was_measured_to_pay():
+    """``train.compile: auto``: one CUDA process, CUDA graphs, a run of at least
+    COMPILE_PAYS_AFTER_BATCHES batches; true and false are followed anywhere."""
+    cuda, cpu, enough = torch.device("cuda"), torch.device("cpu"), setup.COMPILE_PAYS_AFTER_BATCHES
+    assert setup.resolve_compile("auto", "reduce-overhead", cuda, 1, enough)
+    assert setup.resolve_compile("auto", "max-autotune", cuda, 1, enough)
+    for mode, device, processes, batches in (
+            ("reduce-overhead", cuda, 1, enough - 1),  # too short to repay the compile
+            ("reduce-overhead", cuda, 2, enough),  # compiled DDP has not run on a GPU
+            ("reduce-overhead", cpu, 1, 10 * enough),  # 1.11x after 80 s on the dev CPU
+            ("default", cuda, 1, 10 * enough)):  # no faster than eager on an H200
+        assert not setup.resolve_compile("auto", mode, device, processes, batches)
+    assert setup.resolve_compile("true", "default", cpu, 2, 1)
+    assert not setup.resolve_compile("false", "reduce-overhead", cuda, 1, 10 * enough)
+
+
+def test_compile_auto_counts_the_run_s_batches(synth_root, tmp_path, monkeypatch):
+    """The trainer asks with this process's batches over every epoch, and a CPU run under
+    auto stays eager; an old config's boolean reads as true/false."""
+    asked = []
+    monkeypatch.setattr("brainseg_dist.train.trainer.resolve_compile",
+                        lambda *args: asked.append(args) or False)
+    trainer = Trainer(tiny_config(synth_root, tmp_path, **{"train.epochs": 3,
+                                                           "train.compile": "auto"}))
+    assert not trainer.compiled
+    (setting, mode, device, processes, batches), = asked
+    assert (setting, mode, device.type, processes) == ("auto", "default", "cpu", 1)
+    assert batches == 3 * len(trainer.train_batches) > 0
+    assert load_config(None, {"train.compile": False}).train.compile == "false"
+
+
 def test_train_compile_compiles_the_augmentation_on_cuda_only(monkeypatch):
     """On CUDA the Kornia ops are launch-bound and compile with the model (same mode); on a
     CPU inductor's code for them measured slower, so they stay eager there."""

@@ -119,6 +119,34 @@ def uses_cuda_graphs(compile_mode: str) -> bool:
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 
+# train.compile: auto compiles a run of at least this many training batches per process. On
+# an H200 (2026-11-28) the GPU config compiled (reduce-overhead) in about 29 s and then saved
+# 11.4 ms a batch (4,237 against 1,690 img/s), repaid after about 2,600 batches; the
+# throughput benchmark's compiled step repaid after about 1,900.
+COMPILE_PAYS_AFTER_BATCHES = 2500
+
+
+def resolve_compile(setting: str, mode: str, device: torch.device, processes: int,
+                    batches: int) -> bool:
+    """Whether ``train.compile`` compiles this run.
+
+    Args:
+        setting: ``"true"``, ``"false"`` or ``"auto"``: on only where it was measured to pay,
+            one CUDA process in CUDA graphs (:func:`uses_cuda_graphs`) for at least
+            :data:`COMPILE_PAYS_AFTER_BATCHES` batches. The ``default`` mode measured no
+            faster on an H200, a CPU's compiled step 1.11x for 80 s of compiling, and
+            compiled DDP has not run on a GPU.
+        mode: ``train.compile_mode``.
+        device: the process's device.
+        processes: how many processes train.
+        batches: training batches this process will run.
+    """
+    if setting != "auto":
+        return setting == "true"
+    return (device.type == "cuda" and processes == 1 and uses_cuda_graphs(mode)
+            and batches >= COMPILE_PAYS_AFTER_BATCHES)
+
+
 def compiles_augmentation(device: torch.device) -> bool:
     """Whether ``train.compile`` also compiles :class:`~brainseg_dist.augment.DeviceAugment`:
     on CUDA, where the sequential Kornia ops are launch-bound (6.7 of a 23.5 ms step on an

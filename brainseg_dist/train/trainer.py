@@ -1,13 +1,12 @@
 """The training loop: :class:`Trainer` and its named steps.
 
-Set-up of the data (:meth:`Trainer._setup_data`: dataset, split, volume statistics,
-device-resident batches or loaders), set-up of the model (:meth:`Trainer._setup_model`: U-Net,
-optimizer at the scaled lr, Accelerate, compile, augmentation, EMA), one epoch
-(:meth:`Trainer.train_epoch` of sync-free :meth:`Trainer.train_step` calls,
-:meth:`Trainer.validate`) and the end of an epoch (:meth:`Trainer._end_of_epoch`: selection,
-early-stopping state, checkpoints, metrics and logs). :meth:`Trainer.fit` strings them
-together; checkpoints are written and restored by
-:class:`~brainseg_dist.train.persistence.CheckpointState`.
+Set-up of the data (:meth:`Trainer._setup_data`: dataset, split, volume statistics, batches)
+and of the model (:meth:`Trainer._setup_model`: U-Net, optimizer at the scaled lr, Accelerate,
+compile, augmentation, EMA), one epoch (:meth:`Trainer.train_epoch` of sync-free
+:meth:`Trainer.train_step` calls, :meth:`Trainer.validate`) and its end
+(:meth:`Trainer._end_of_epoch`: selection, early stopping, checkpoints, metrics, logs), strung
+together by :meth:`Trainer.fit`; :class:`~brainseg_dist.train.persistence.CheckpointState`
+writes and restores checkpoints.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from brainseg_dist.train.setup import (
     make_optimizer,
     make_scheduler,
     prepare_data_dir,
+    resolve_compile,
     scaled_lr,
     split_for_run,
     uses_cuda_graphs,
@@ -56,10 +56,9 @@ ADAM_WORDS = {"fused": "fused Adam", "torch": "torch's default Adam kernels"}
 
 
 def eager(method):
-    """Run ``method`` with a compiled model eager: in validation and overlays, eval mode and
-    the last, smaller batch would each compile (and record CUDA graphs) again, for a few
-    batches an epoch; so would the last, smaller training batch. (A ``set_stance`` object
-    made once would set the stance on creation.)"""
+    """Run ``method`` with a compiled model eager: validation, overlays (eval mode) and last,
+    smaller batches would each compile (and record CUDA graphs) again for a few batches an
+    epoch. (A ``set_stance`` object made once would set the stance on creation.)"""
     @functools.wraps(method)
     def run_eagerly(*args, **kwargs):
         with torch.compiler.set_stance("force_eager"):
@@ -160,7 +159,9 @@ class Trainer(CheckpointState):
         self.ema = (WeightEMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
                     if cfg.train.ema_decay > 0 else None)
         # After the EMA's copy, which must run its own weights, not a compiled live model.
-        self.compiled = cfg.train.compile and compile_for_training(
+        self.compiled = resolve_compile(
+            cfg.train.compile, cfg.train.compile_mode, acc.device, acc.num_processes,
+            cfg.train.epochs * len(self.train_batches)) and compile_for_training(
             acc.unwrap_model(self.model), self.augment, acc.device, cfg.train.compile_mode)
         self.cudagraph_steps = self.compiled and uses_cuda_graphs(cfg.train.compile_mode)
         self.memory_format = (torch.channels_last if cfg.model.channels_last
