@@ -19,9 +19,9 @@
 # that ignores SIGTERM at its limit is killed 10 s later). Exit status and seconds of each go
 # to gpu_check.json. GPU_CHECK_ONLY (names, space- or comma-separated) runs only those steps
 # (and kornia), for a second call that reruns what the first could not finish. The
-# 2026-11-28 H200 run took 5, 38, 25, 91 and 32 s for kornia, checks, pytest, throughput and
-# train; step_ops did not finish in 50 s, the cv step's two recipes took 182 s, and
-# train_fast ran past 100 s in a second call (its compiles; benchmarks/results/h200_2026-11-28):
+# 2026-11-28 H200 runs took 5, 34-38, 25, 91-110, 32-37, 80 and 47 s for kornia, checks, pytest,
+# throughput, train, train_fast and step_ops; the cv step's recipes 94-138 s each
+# (benchmarks/results/h200_2026-11-28 and h200_2026-11-28b):
 #   kornia      installed from .whl/ (pip --no-index --no-deps, into a scratch directory) when
 #               it is missing; the project runs from source (PYTHONPATH): nothing else is
 #               installed and nothing is downloaded or copied at run time
@@ -36,12 +36,12 @@
 #   train_fast  the same with train.compile (mode reduce-overhead: the model and the
 #               augmentation compiled, as CUDA graphs; GPU only)
 #   cv          benchmarks/gpu_cv.py, when .data/lgg-dev.tar.xz was carried: 5-fold CV over the
-#               20 real patients of configs/lgg_unet128.yaml (BatchNorm), then with
-#               InstanceNorm's function as GroupNorm(C, C) (GPU_CHECK_CV_RECIPES, names of
-#               gpu_cv.py's recipes; default "lgg_unet128 group_norm"), each as brainseg cv
-#               --jobs 5 (the folds share the GPU) at 50 epochs, paired patient by patient,
-#               with training seed GPU_CHECK_CV_SEED (1: the 2026-11-28 run measured seed 0 of
-#               BatchNorm and InstanceNorm2d), in what is left of the budget (at most 240 s)
+#               20 real patients of gpu_cv.py's recipes GPU_CHECK_CV_RECIPES (default
+#               "compiled": configs/lgg_unet128.yaml with train.compile, to pair with the
+#               eager one that results/h200_2026-11-28b/cv.json holds at the same seed), each
+#               as brainseg cv --jobs 5 (the folds share the GPU) at 50 epochs, with training
+#               seed GPU_CHECK_CV_SEED (default 1), in what is left of the budget (at most
+#               240 s; two recipes need a second call)
 #   step_ops    benchmarks/step_ops.py: host calls per eager step of the GPU config, by phase,
 #               with Adam's kernels (foreach, fused), the geometry, the precision and the norm
 #               (batch, instance, group) toggled; each variant's step time, and its GPU kernel
@@ -193,7 +193,7 @@ if [[ $MODE == gpu ]]; then
         CV_DEADLINE=$(( $(left_s) - 15 ))
         (( CV_DEADLINE > 240 )) && CV_DEADLINE=240
         CV_RECIPES=()
-        for name in ${GPU_CHECK_CV_RECIPES:-lgg_unet128 group_norm}; do
+        for name in ${GPU_CHECK_CV_RECIPES:-compiled}; do
             CV_RECIPES+=(--recipe "$name")
         done
         step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \

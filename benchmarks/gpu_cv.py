@@ -42,6 +42,9 @@ RECIPES = [
     ("instance_norm", "configs/lgg_unet128.yaml", ["--set", "model.norm=instance"]),
     # The same function as instance_norm, as GroupNorm (channels-last, fewer host calls).
     ("group_norm", "configs/lgg_unet128.yaml", ["--set", "model.norm=group"]),
+    # Compiled training (CUDA graphs), which train.compile: auto turns on for long runs: does
+    # it learn as well as eager? Paired with lgg_unet128 at the same seed (gpu_cv_pool.py).
+    ("compiled", "configs/lgg_unet128.yaml", ["--set", "train.compile=true"]),
 ]
 # --tiny: seconds per fold on a CPU, so the script's CPU mode cannot rot.
 TINY = ["--epochs", "2", "--image-size", "32", "--base-width", "4", "--batch-size", "8",

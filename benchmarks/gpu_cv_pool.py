@@ -8,7 +8,7 @@ the same folds), every recipe is paired patient by patient with the reference re
 recipe run at two seeds or more is paired with itself across seeds (the seed spread).
 
     python benchmarks/gpu_cv_pool.py results/cv.json results/cv_seed1.json \\
-        --reference lgg_unet128 --json pooled.json
+        --reference lgg_unet128 --same group_norm=instance_norm --json pooled.json
 """
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ class PoolError(ValueError):
     """Reports that cannot be pooled: the message names the file and the problem."""
 
 
-def load_tables(paths: list[Path]) -> dict[str, dict[int, pd.DataFrame]]:
+def load_tables(paths: list[Path], same: dict[str, str] | None = None
+                ) -> dict[str, dict[int, pd.DataFrame]]:
     """``{recipe: {seed: per-patient table indexed by patient}}`` of every finished recipe.
-    A report without ``seed`` (written before gpu_cv.py recorded it) is seed 0."""
+    A report without ``seed`` (written before gpu_cv.py recorded it) is seed 0. ``same`` maps
+    a recipe to the one it is pooled as (the same function in another form, such as
+    group_norm as instance_norm)."""
+    same = same or {}
     tables: dict[str, dict[int, pd.DataFrame]] = {}
     for path in paths:
         try:
@@ -49,6 +53,7 @@ def load_tables(paths: list[Path]) -> dict[str, dict[int, pd.DataFrame]]:
         for name, result in recipes.items():
             if "per_patient" not in result:
                 continue  # skipped, or stopped at the deadline
+            name = same.get(name, name)
             if seed in tables.get(name, {}):
                 raise PoolError(f"{path}: recipe {name!r} at seed {seed} is in an earlier "
                                 "report too")
@@ -103,14 +108,25 @@ def pool(tables: dict[str, dict[int, pd.DataFrame]], reference: str) -> dict[str
     return out
 
 
+def _same_pair(text: str) -> tuple[str, str]:
+    name, sep, alias = text.partition("=")
+    if not (sep and name and alias):
+        raise PoolError(f"--same {text!r}: expected NAME=AS, such as group_norm=instance_norm")
+    return name, alias
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="gpu_cv.py --json files")
     parser.add_argument("--reference", default="lgg_unet128")
+    parser.add_argument("--same", action="append", default=[], metavar="NAME=AS",
+                        help="pool recipe NAME as recipe AS: only for the same function "
+                             "(group_norm=instance_norm); repeatable")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     try:
-        result = pool(load_tables(args.reports), args.reference)
+        same = dict(_same_pair(text) for text in args.same)
+        result = pool(load_tables(args.reports, same), args.reference)
     except PoolError as exc:
         print(f"gpu_cv_pool: {exc}", file=sys.stderr)
         return 2

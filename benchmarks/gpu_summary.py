@@ -58,10 +58,10 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
             at_most=True),
     }
     steps = {}
+    skipped = {"skipped": "out of budget", "unselected": "not in GPU_CHECK_ONLY"}
     if steps_file is not None and steps_file.is_file():
         for line in steps_file.read_text().splitlines():
             name, rc, seconds = line.split()
-            skipped = {"skipped": "out of budget", "unselected": "not in GPU_CHECK_ONLY"}
             steps[name] = ({"skipped": skipped[rc]} if rc in skipped else
                            {"exit_status": int(rc), "seconds": float(seconds)})
     return {
@@ -90,7 +90,10 @@ def summarize(out: Path, steps_file: Path | None) -> dict[str, Any]:
                                 for r in _load_list(out / "step_ops.json")},
         "cv": _cv_summary(_load(out / "cv.json")),
         "steps": steps,
-        "all_checks_ok": bool(checks) and all(r.get("ok") for r in checks.values()),
+        # None where this run left the checks out (GPU_CHECK_ONLY); a checks step that ran
+        # and wrote nothing is a failure.
+        "all_checks_ok": None if steps.get("checks") == {"skipped": skipped["unselected"]}
+        else bool(checks) and all(r.get("ok") for r in checks.values()),
     }
 
 

@@ -249,6 +249,7 @@ def test_gpu_check_skips_the_steps_its_budget_cannot_hold(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["steps"] == {name: {"skipped": "out of budget"} for name in
                                 ("kornia", "checks", "throughput", "train", "step_ops", "cv")}
+    assert summary["all_checks_ok"] is False  # skipped for want of time: not passed
     assert "checks: skipped" in (out / "gpu_check.log").read_text()
 
 
@@ -267,7 +268,9 @@ def test_gpu_check_only_runs_the_steps_it_names(tmp_path):
     proc = subprocess.run(script, cwd=tmp_path, env={**env, "GPU_CHECK_ONLY": "kornia"},
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["all_checks_ok"] is None  # not run: neither passed nor failed
+    steps = summary["steps"]
     assert steps.pop("kornia")["exit_status"] == 0
     assert steps == {name: {"skipped": "not in GPU_CHECK_ONLY"} for name in
                      ("checks", "throughput", "train", "step_ops", "cv")}
@@ -373,3 +376,25 @@ def test_gpu_cv_pool_averages_seeds_and_pairs_recipes(tmp_path, capsys):
         said = capsys.readouterr()
         assert said.err == f"gpu_cv_pool: {message}\n"
         assert said.out == ""
+
+
+def test_gpu_cv_pool_pools_the_same_function_under_one_name(tmp_path, capsys):
+    """``--same group_norm=instance_norm``: seed 1 of group_norm pools with seed 0 of
+    instance_norm as one recipe; a malformed pair is one line and exit 2."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_cv_pool
+
+    seed0 = _cv_report(tmp_path / "s0.json", 0, {"bn": [0.5] * 4, "in": [0.6, 0.7, 0.8, 0.5]})
+    seed1 = _cv_report(tmp_path / "s1.json", 1, {"bn": [0.5] * 4, "gn": [0.8, 0.7, 0.6, 0.5]})
+    out = tmp_path / "pooled.json"
+    assert gpu_cv_pool.main([str(seed0), str(seed1), "--reference", "bn", "--same", "gn=in",
+                             "--json", str(out)]) == 0
+    pooled = json.loads(out.read_text())["recipes"]
+    assert set(pooled) == {"bn", "in"}
+    assert pooled["in"]["seeds"] == [0, 1]
+    assert pooled["in"]["post-processed"]["mean"] == pytest.approx(0.65)
+    assert pooled["in"]["seed_pairs"]["1 - 0"]["mean"] == pytest.approx(0.0)
+    capsys.readouterr()
+    assert gpu_cv_pool.main([str(seed0), "--same", "gn"]) == 2
+    assert capsys.readouterr().err == ("gpu_cv_pool: --same 'gn': expected NAME=AS, such as "
+                                       "group_norm=instance_norm\n")
