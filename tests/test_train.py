@@ -261,12 +261,15 @@ def test_scale_lr_is_applied_and_printed_at_start(synth_root, tmp_path, capsys):
     """The effective lr and the optimizer's kernels are printed at start."""
     cfg = tiny_config(synth_root, tmp_path, **{"train.epochs": 1, "optim.scale_lr": "linear",
                                                "optim.warmup_epochs": 0,
-                                               "optim.implementation": "fused"})
+                                               "optim.implementation": "fused",
+                                               "train.compile": "auto"})
     result = run_training(cfg)
     assert result.history[0]["lr"] == pytest.approx(0.01 * 8 / 32)  # batch 8, 1 process
     said = " ".join(capsys.readouterr().err.split())
     assert "lr 2.50e-03 (optim.lr 1.00e-02 scaled linear to global batch 8 from 32)" in said
     assert ", fused Adam" in said
+    assert (", eager (train.compile auto compiles one CUDA process in CUDA graphs for 2,500+ "
+            "batches; this run: ") in said  # why auto left it eager
 
 
 # Compiling imports TorchScript's deprecated decorators (the deprecation is torch's, not ours).
@@ -299,6 +302,10 @@ def test_compile_auto_compiles_only_where_it_was_measured_to_pay():
         assert not setup.resolve_compile("auto", mode, device, processes, batches)
     assert setup.resolve_compile("true", "default", cpu, 2, 1)
     assert not setup.resolve_compile("false", "reduce-overhead", cuda, 1, 10 * enough)
+    assert setup.compile_note("auto", True, 8600) == (", compiled (train.compile auto: 8,600 "
+                                                      "batches)")
+    assert (setup.compile_note("true", True, 1), setup.compile_note("false", False, 1)) == (
+        ", compiled", "")
 
 
 def test_compile_auto_counts_the_run_s_batches(synth_root, tmp_path, monkeypatch):

@@ -147,6 +147,16 @@ def resolve_compile(setting: str, mode: str, device: torch.device, processes: in
             and batches >= COMPILE_PAYS_AFTER_BATCHES)
 
 
+def compile_note(setting: str, compiled: bool, batches: int) -> str:
+    """What the start line says of ``train.compile``: under ``auto``, the decision and why."""
+    if setting != "auto":
+        return ", compiled" if compiled else ""
+    if compiled:
+        return f", compiled (train.compile auto: {batches:,} batches)"
+    return (f", eager (train.compile auto compiles one CUDA process in CUDA graphs for "
+            f"{COMPILE_PAYS_AFTER_BATCHES:,}+ batches; this run: {batches:,})")
+
+
 def compiles_augmentation(device: torch.device) -> bool:
     """Whether ``train.compile`` also compiles :class:`~brainseg_dist.augment.DeviceAugment`:
     on CUDA, where the sequential Kornia ops are launch-bound (6.7 of a 23.5 ms step on an

@@ -40,6 +40,7 @@ from brainseg_dist.train.setup import (
     REFERENCE_BATCH,
     adam_implementation,
     compile_for_training,
+    compile_note,
     global_batch,
     make_accelerator,
     make_optimizer,
@@ -139,8 +140,7 @@ class Trainer(CheckpointState):
         return volume_stats_by_patient(data.images, codes).to(self.accelerator.device)
 
     def _setup_model(self, train_batches: Any, val_loader: Any) -> None:
-        """U-Net, optimizer (at the scaled lr) and loaders through Accelerate (device-resident
-        batches need none); compile, augmentation and EMA."""
+        """U-Net, optimizer at the scaled lr, Accelerate, compile, augmentation and EMA."""
         cfg, acc = self.cfg, self.accelerator
         model = build_model(cfg.model.base_width, cfg.model.depth, cfg.model.channels_last,
                             cfg.model.foreground_prior, cfg.model.norm)
@@ -159,10 +159,11 @@ class Trainer(CheckpointState):
         self.ema = (WeightEMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
                     if cfg.train.ema_decay > 0 else None)
         # After the EMA's copy, which must run its own weights, not a compiled live model.
-        self.compiled = resolve_compile(
-            cfg.train.compile, cfg.train.compile_mode, acc.device, acc.num_processes,
-            cfg.train.epochs * len(self.train_batches)) and compile_for_training(
+        batches = cfg.train.epochs * len(self.train_batches)
+        self.compiled = resolve_compile(cfg.train.compile, cfg.train.compile_mode, acc.device,
+                                        acc.num_processes, batches) and compile_for_training(
             acc.unwrap_model(self.model), self.augment, acc.device, cfg.train.compile_mode)
+        self.compile_note = compile_note(cfg.train.compile, self.compiled, batches)
         self.cudagraph_steps = self.compiled and uses_cuda_graphs(cfg.train.compile_mode)
         self.memory_format = (torch.channels_last if cfg.model.channels_last
                               else torch.contiguous_format)
@@ -181,8 +182,7 @@ class Trainer(CheckpointState):
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor, idx: torch.Tensor,
                    tracker: LossTracker, step: int) -> None:
-        """One optimizer step (or accumulation step) on a uint8 batch; waits on no device
-        result (the loss goes to ``tracker``)."""
+        """One optimizer (or accumulation) step on a uint8 batch; waits on no device result."""
         acc, cfg = self.accelerator, self.cfg
         if self.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
@@ -322,7 +322,7 @@ class Trainer(CheckpointState):
             f"{len(self.train_data)} train / {len(self.val_data)} val slices "
             f"({len(self.split['train'])}/{len(self.split['val'])} patients), training data "
             f"{'on the device' if self.on_device else 'from a DataLoader'}"
-            f"{', compiled' if self.compiled else ''}, "
+            f"{self.compile_note}, "
             f"{ADAM_WORDS[adam_implementation(cfg.optim.implementation, acc.device.type)]}")
 
     def _end_of_epoch(self, row: dict[str, Any]) -> bool:
