@@ -171,19 +171,26 @@ def _recipe(run: CvRun) -> tuple:
                         if k not in (*LOCATION_KEYS, SEED_KEY, *SPEED_KEYS)))
 
 
+def variant_summaries(dice: pd.DataFrame, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per ``dice_<variant>`` column: the mean and median per-patient Dice and the bootstrap
+    CI of the mean, as a ``brainseg cv`` summary gives them."""
+    variants = {}
+    for c in dice.columns:
+        d = dice[c].to_numpy(np.float64)
+        s = patient_dice_summary(d)
+        variants[c.removeprefix("dice_")] = {
+            "dice_patient_mean": s["mean"], "dice_patient_median": s["median"],
+            "dice_patient_ci95": bootstrap_ci(d, seed=seed)}
+    return variants
+
+
 def _pooled(runs: list[CvRun], seed: int) -> CvRun:
     """One recipe's runs as one: each patient's Dice averaged over the runs (seeds)."""
     if len(runs) == 1:
         return runs[0]
     dice = sum(r.dice.loc[runs[0].dice.index] for r in runs) / len(runs)
-    variants = {}
-    for c in dice.columns:
-        if all(c in r.dice.columns for r in runs):
-            d = dice[c].to_numpy(np.float64)
-            s = patient_dice_summary(d)
-            variants[c.removeprefix("dice_")] = {
-                "dice_patient_mean": s["mean"], "dice_patient_median": s["median"],
-                "dice_patient_ci95": bootstrap_ci(d, seed=seed)}
+    variants = variant_summaries(
+        dice[[c for c in dice.columns if all(c in r.dice.columns for r in runs)]], seed)
     config = {**runs[0].config, SEED_KEY: [r.config.get(SEED_KEY) for r in runs]}
     return CvRun(runs[0].path, {"headline": runs[0].summary.get("headline"), "variants": variants},
                  dice[[f"dice_{v}" for v in variants]], runs[0].test_folds, config,
@@ -208,10 +215,24 @@ def pool_seeds(runs: list[CvRun], seed: int = 0) -> tuple[list[CvRun], list[dict
 
 def compare_runs(paths: list[str | Path], seed: int = 0,
                  pool: bool = False) -> dict[str, Any]:
-    """Compare every CV run in ``paths[1:]`` with ``paths[0]``, patient by patient.
+    """:func:`compare_loaded` of the ``brainseg cv`` directories ``paths`` (the first is the
+    reference).
+
+    Raises:
+        BrainsegError: fewer than two directories, or a directory that is not a finished
+            ``brainseg cv`` output (see :func:`load_cv_run`).
+    """
+    if len(paths) < 2:
+        raise BrainsegError("compare needs at least two `brainseg cv` directories")
+    return compare_loaded([load_cv_run(p) for p in paths], seed, pool)
+
+
+def compare_loaded(runs: list[CvRun], seed: int = 0, pool: bool = False) -> dict[str, Any]:
+    """Compare every CV run in ``runs[1:]`` with ``runs[0]``, patient by patient.
 
     Args:
-        paths: ``brainseg cv`` directories; the first is the reference.
+        runs: cross-validation runs (:func:`load_cv_run`, or built from other reports); the
+            first is the reference.
         seed: bootstrap seed.
         pool: treat runs that differ only in ``train.seed`` as one recipe (:func:`pool_seeds`)
             and compare the recipes.
@@ -227,9 +248,8 @@ def compare_runs(paths: list[str | Path], seed: int = 0,
         BrainsegError: fewer than two runs (recipes, with ``pool``), or runs that tested
             different patients.
     """
-    if len(paths) < 2:
-        raise BrainsegError("compare needs at least two `brainseg cv` directories")
-    runs = [load_cv_run(p) for p in paths]
+    if len(runs) < 2:
+        raise BrainsegError("compare needs at least two cross-validation runs")
     for other in runs[1:]:
         _check_same_patients(runs[0], other)
     spread = None

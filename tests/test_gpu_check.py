@@ -338,40 +338,42 @@ def _cv_report(path, seed, dice, folds=(0, 0, 1, 1)):
 
 
 def test_gpu_cv_pool_averages_seeds_and_pairs_recipes(tmp_path, capsys):
-    """``benchmarks/gpu_cv_pool.py``: each recipe's per-patient Dice averaged over its seeds,
-    every recipe paired with the reference on those averages, a recipe's seeds paired with
-    each other; reports on other folds, or a recipe and seed twice, are one line and exit 2."""
+    """``benchmarks/gpu_cv_pool.py`` is ``brainseg compare --pool-seeds`` of the reports:
+    each recipe's per-patient Dice averaged over its seeds, every recipe paired with the
+    reference on those averages, a recipe's later seeds paired with its first; reports on
+    other folds, or a recipe and seed twice, are one line and exit 2."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_cv_pool
 
-    seed0 = _cv_report(tmp_path / "s0.json", None, {"bn": [0.5, 0.7, 0.9, 0.3],
-                                                    "in": [0.6, 0.7, 0.8, 0.5]})
+    seed0 = _cv_report(tmp_path / "s0.json", None, {"in": [0.6, 0.7, 0.8, 0.5],
+                                                    "bn": [0.5, 0.7, 0.9, 0.3]})
     seed1 = _cv_report(tmp_path / "s1.json", 1, {"bn": [0.7, 0.9, 0.9, 0.1]})
     out = tmp_path / "pooled.json"
     assert gpu_cv_pool.main([str(seed0), str(seed1), "--reference", "bn",
                              "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    bn, other = result["recipes"]["bn"], result["recipes"]["in"]
-    assert set(result["recipes"]) == {"bn", "in"}
-    assert bn["seeds"] == [0, 1]
-    assert other["seeds"] == [0]
-    assert bn["post-processed"]["mean"] == pytest.approx(0.625)  # (0.6, 0.8, 0.9, 0.2)
-    assert bn["plain"]["mean"] == pytest.approx(0.525)
-    pair = other["paired_vs_reference"]["post-processed"]
+    bn, other = "bn (seed 0) + bn (seed 1)", "in (seed 0)"
+    assert result["reference"] == bn  # first, though the reports list it second
+    assert list(result["runs"]) == [bn, other]
+    assert result["runs"][bn]["post-processed"]["dice_patient_mean"] == pytest.approx(0.625)
+    assert result["runs"][bn]["plain"]["dice_patient_mean"] == pytest.approx(0.525)
+    (comparison,) = result["comparisons"]
+    assert comparison["run"] == other
+    assert comparison["same_folds"]
+    pair = comparison["paired"]["post-processed"]  # on (0.6, 0.8, 0.9, 0.2)
     assert pair["mean"] == pytest.approx(0.025)  # (0, -0.1, -0.1, +0.3) / 4
     assert (pair["better"], pair["worse"]) == (1, 2)
     assert pair["largest_gain"] == ["d", pytest.approx(0.3)]
-    spread = bn["seed_pairs"]["1 - 0"]
-    assert spread["mean"] == pytest.approx(0.05)  # (+0.2, +0.2, 0, -0.2) / 4
-    assert "paired_vs_reference" not in bn
-    assert other["seed_pairs"] == {}
+    (spread,) = result["seed_spread"]
+    assert (spread["reference"], spread["run"]) == ("bn (seed 0)", "bn (seed 1)")
+    assert spread["paired"]["post-processed"]["mean"] == pytest.approx(0.05)  # (+.2,+.2,0,-.2)
 
     moved = _cv_report(tmp_path / "moved.json", 2, {"bn": [0.5] * 4}, folds=(1, 0, 1, 1))
     capsys.readouterr()
     for reports, message in (
-            ([seed0, moved], "recipe 'bn' at seed 2 tested other patients or folds than 'bn' "
-                             "at seed 0: no pairing"),
-            ([seed0, seed0], f"{seed0}: recipe 'bn' at seed 0 is in an earlier report too")):
+            ([seed0, moved], "bn (seed 2) tested other patients or folds than in (seed 0): "
+                             "no pairing"),
+            ([seed0, seed0], f"{seed0}: recipe 'in' at seed 0 is in an earlier report too")):
         assert gpu_cv_pool.main([*map(str, reports), "--reference", "bn"]) == 2
         said = capsys.readouterr()
         assert said.err == f"gpu_cv_pool: {message}\n"
@@ -389,11 +391,11 @@ def test_gpu_cv_pool_pools_the_same_function_under_one_name(tmp_path, capsys):
     out = tmp_path / "pooled.json"
     assert gpu_cv_pool.main([str(seed0), str(seed1), "--reference", "bn", "--same", "gn=in",
                              "--json", str(out)]) == 0
-    pooled = json.loads(out.read_text())["recipes"]
-    assert set(pooled) == {"bn", "in"}
-    assert pooled["in"]["seeds"] == [0, 1]
-    assert pooled["in"]["post-processed"]["mean"] == pytest.approx(0.65)
-    assert pooled["in"]["seed_pairs"]["1 - 0"]["mean"] == pytest.approx(0.0)
+    result = json.loads(out.read_text())
+    pooled = "in (seed 0) + gn (seed 1)"
+    assert list(result["runs"]) == ["bn (seed 0) + bn (seed 1)", pooled]
+    assert result["runs"][pooled]["post-processed"]["dice_patient_mean"] == pytest.approx(0.65)
+    assert [s["run"] for s in result["seed_spread"]] == ["bn (seed 1)", "gn (seed 1)"]
     capsys.readouterr()
     assert gpu_cv_pool.main([str(seed0), "--same", "gn"]) == 2
     assert capsys.readouterr().err == ("gpu_cv_pool: --same 'gn': expected NAME=AS, such as "
