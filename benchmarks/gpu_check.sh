@@ -196,7 +196,10 @@ if [[ $MODE == gpu ]]; then
         for name in ${GPU_CHECK_CV_RECIPES:-compiled}; do
             CV_RECIPES+=(--recipe "$name")
         done
-        step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
+        # Five folds compiling at once (recipe compiled) share the cores' compile workers.
+        CV_THREADS=$(( CORES / 5 > 1 ? CORES / 5 : 1 ))
+        TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$CV_THREADS} \
+            step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
             --epochs 50 "${CV_RECIPES[@]}" \
             --seed "${GPU_CHECK_CV_SEED:-1}" --deadline "$CV_DEADLINE" \
             --json "$OUT_DIR/cv.json" || FAILED=1
