@@ -173,8 +173,11 @@ if [[ $MODE == gpu ]]; then
     else
         log "pytest: not installed here; the checks step ran the same checks"
     fi
-    # Triton kernels compile in parallel worker processes (throughput.py defaults to one).
-    TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES < 8 ? CORES : 8 ))} \
+    # Triton kernels compile in parallel worker processes (throughput.py defaults to one): up
+    # to 8 for one compiling process, a fifth of the cores each for the cv step's five folds.
+    COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES < 8 ? CORES : 8 ))}
+    CV_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES / 5 > 1 ? CORES / 5 : 1 ))}
+    TORCHINDUCTOR_COMPILE_THREADS=$COMPILE_THREADS \
         step throughput 230 "$PY" benchmarks/throughput.py --device cuda --workers 4 \
         --baseline-workers "8,$CORES" --compile-budget 60 --compile-modes reduce-overhead \
         --json "$OUT_DIR/throughput.json" || FAILED=1
@@ -183,7 +186,7 @@ if [[ $MODE == gpu ]]; then
         FAILED=1
     # The same run compiled (off by default): the same training data, in CUDA graphs. Two
     # compiles (augmentation, then the model's forward and backward) precede the first step.
-    TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES < 8 ? CORES : 8 ))} \
+    TORCHINDUCTOR_COMPILE_THREADS=$COMPILE_THREADS \
         step train_fast 150 "$PY" benchmarks/gpu_checks.py train \
         --config configs/lgg_unet128.yaml --epochs 3 --synthetic-patients 60 \
         --set train.compile=true --set train.compile_mode=reduce-overhead \
@@ -196,9 +199,7 @@ if [[ $MODE == gpu ]]; then
         for name in ${GPU_CHECK_CV_RECIPES:-compiled}; do
             CV_RECIPES+=(--recipe "$name")
         done
-        # Five folds compiling at once (recipe compiled) share the cores' compile workers.
-        CV_THREADS=$(( CORES / 5 > 1 ? CORES / 5 : 1 ))
-        TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$CV_THREADS} \
+        TORCHINDUCTOR_COMPILE_THREADS=$CV_THREADS \
             step cv 250 "$PY" benchmarks/gpu_cv.py --archive .data/lgg-dev.tar.xz --jobs 5 \
             --epochs 50 "${CV_RECIPES[@]}" \
             --seed "${GPU_CHECK_CV_SEED:-1}" --deadline "$CV_DEADLINE" \

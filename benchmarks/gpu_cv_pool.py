@@ -65,7 +65,7 @@ def load_runs(paths: list[Path], same: dict[str, str] | None = None) -> list[CvR
                                 "report too")
             table = pd.DataFrame(result["per_patient"]).set_index("patient")
             dice = table[[c for c in table.columns if c.startswith("dice_")]]
-            folds = [frozenset(table.index[table["fold"] == f]) for f in sorted(set(table["fold"]))]
+            folds = [frozenset(ix) for ix in table.groupby("fold").groups.values()]
             runs.append(CvRun(path, {"variants": variant_summaries(dice)}, dice, folds,
                               {RECIPE_KEY: recipe, SEED_KEY: seed}, f"{name} (seed {seed})"))
     for run in runs[1:]:
